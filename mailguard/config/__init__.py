@@ -1,0 +1,1 @@
+"""Configuration: the frozen schema (``schema``) and the TOML loader that validates it (``load``)."""

@@ -1,0 +1,150 @@
+"""The typed, frozen configuration schema: the single source of truth for every setting.
+
+Responsible for: the shape, types and defaults of the configuration.  Durations are
+seconds (float), sizes are bytes (int), networks are ``ipaddress`` networks.
+Must never: read files, parse TOML or validate raw input (that is ``mailguard.config.load``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+PolicyMode = Literal["enforce", "monitor", "off"]
+UpstreamTLS = Literal["off", "opportunistic", "require"]
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """One ``host:port`` the gate listens on (``host`` without IPv6 brackets)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """``[server]``: the client-facing SMTP listener and its protocol limits."""
+
+    listen: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 10025),)
+    hostname: str = "mailguard.localdomain"
+    max_message_size: int = 50 * 1000 * 1000
+    state_dir: Path = Path("/var/lib/mailguard")
+    max_recipients: int = 1000
+    max_connections: int = 1000
+    max_connections_per_client: int = 50
+    max_command_length: int = 2048
+    max_line_length: int = 1000  # octets per message line, CRLF included (RFC 5321 4.5.3.1.6)
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0  # overall deadline for one DATA phase
+    max_transactions_per_connection: int = 1000
+    max_bad_commands: int = 10
+    tls_certificate: Path | None = None
+    tls_key: Path | None = None
+    auth_require_tls: bool = True
+    max_auth_failures_per_connection: int = 3
+    max_auth_failures_per_client: int = 10
+    auth_failure_window: float = 900.0
+    proxy_protocol: bool = False
+    proxy_trusted_networks: tuple[IPNetwork, ...] = ()
+    drain_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """``[upstream]``: the MTA that receives every accepted transaction."""
+
+    host: str = "127.0.0.1"
+    port: int = 25
+    helo_name: str | None = None  # defaults to server.hostname
+    starttls: UpstreamTLS = "off"
+    tls_verify: bool = True
+    tls_ca_file: Path | None = None
+    connect_timeout: float = 10.0
+    command_timeout: float = 60.0
+    data_timeout: float = 600.0
+    pool_size: int = 32
+    pool_idle_timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """``[store]``: where counters live.  ``url = "embedded"`` runs a private redis-server."""
+
+    url: str = "embedded"
+    timeout: float = 2.0
+    redis_server: str = "redis-server"
+    key_prefix: str = "mg"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A configured SMTP reply: basic code, enhanced status code (RFC 3463) and text."""
+
+    code: int
+    enhanced: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """``[policy]``: how decisions are applied and what failures become."""
+
+    mode: PolicyMode = "enforce"
+    soft_bounce: bool = False  # turn every 5xx policy refusal into 4xx (rollout safety net)
+    store_failure_reply: Reply = Reply(
+        451, "4.3.0", "Temporary policy service failure, please try again later"
+    )
+    upstream_failure_reply: Reply = Reply(
+        451, "4.4.1", "Upstream mail server unavailable, please try again later"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """``[log]``: operational log level and where decision lines go."""
+
+    level: str = "INFO"
+    decision_log: str = "-"  # "-" is standard output, otherwise a file path (appended)
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """``[[customer.user]]``: an SMTP AUTH identity; the hash is an argon2 PHC string."""
+
+    name: str
+    password_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class Customer:
+    """``[[customer]]``: a hosting customer allowed to relay through the gate."""
+
+    id: str
+    networks: tuple[IPNetwork, ...] = ()
+    domains: tuple[str, ...] = ()
+    users: tuple[User, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration, as loaded from one TOML file."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    customers: tuple[Customer, ...] = ()
+    source: Path | None = None  # the file this was loaded from, for messages
