@@ -1,0 +1,48 @@
+"""Who a client is: the customer owning a client address or an SMTP AUTH identity.
+
+Responsible for: mapping a TCP peer address (longest matching network wins) or an AUTH user
+name to a configured customer.  Networks of different customers never overlap (the config
+loader refuses that), so the answer is unique.
+Must never: verify passwords (the door does, off the event loop) or touch sockets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+from mailguard.config.schema import Customer, IPAddress, IPNetwork, User
+
+
+class CustomerDirectory:
+    """Read-only lookups over the configured customers."""
+
+    def __init__(self, customers: Sequence[Customer]) -> None:
+        nets: list[tuple[IPNetwork, Customer]] = [(net, c) for c in customers for net in c.networks]
+        nets.sort(key=lambda item: item[0].prefixlen, reverse=True)
+        self._networks = nets
+        self._users: dict[str, tuple[Customer, User]] = {
+            u.name: (c, u) for c in customers for u in c.users
+        }
+
+    @property
+    def has_users(self) -> bool:
+        """True when at least one customer can log in with SMTP AUTH."""
+        return bool(self._users)
+
+    def by_address(self, address: str | IPAddress) -> Customer | None:
+        """The customer whose networks contain ``address``, or None (unparseable: None)."""
+        try:
+            ip = ipaddress.ip_address(address) if isinstance(address, str) else address
+        except ValueError:
+            return None
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        for net, customer in self._networks:
+            if ip.version == net.version and ip in net:
+                return customer
+        return None
+
+    def user(self, name: str) -> tuple[Customer, User] | None:
+        """The customer and user entry for an AUTH user name, or None."""
+        return self._users.get(name)

@@ -1,0 +1,188 @@
+"""What all sessions of one gate process share: config, customers, policy, upstream pool, store.
+
+Responsible for: connection admission (overall and per client address), the async policy
+``evaluate`` steps (running the pure core, turning store failures into the configured degraded
+reply), AUTH verification off the event loop and AUTH failure counting, and atomic config
+reload (new connections get the new config; running ones keep theirs).
+Must never: speak SMTP itself or import uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import re
+import ssl
+import time
+from email.utils import formatdate
+from typing import TYPE_CHECKING
+
+from argon2 import PasswordHasher
+from argon2.exceptions import Argon2Error, InvalidHashError
+
+from mailguard.config.schema import Config, Customer
+from mailguard.core.customers import CustomerDirectory
+from mailguard.core.policy import Decision, MessageFacts, Policy, RcptFacts
+from mailguard.core.verdict import Defer
+from mailguard.decisionlog import DecisionLog
+from mailguard.gate.upstream import UpstreamPool
+from mailguard.store.base import Store, StoreError
+
+if TYPE_CHECKING:
+    from mailguard.gate.session import GateSession, Transaction
+
+log = logging.getLogger("mailguard.gate")
+
+# Verifying against a real hash for unknown users keeps response time from revealing them.
+_DUMMY_HASH = PasswordHasher().hash("mailguard-dummy-password")
+
+
+class GateRuntime:
+    """Shared state of one gate process."""
+
+    def __init__(self, config: Config, store: Store, decision_log: DecisionLog) -> None:
+        self.store = store
+        self.decision_log = decision_log
+        self.sessions: set[GateSession] = set()
+        self.per_client: collections.Counter[str] = collections.Counter()
+        self.draining = False
+        self._hasher = PasswordHasher()
+        self._date_cache = (0, "")
+        self.apply(config)
+
+    def apply(self, config: Config) -> None:
+        """Switch to ``config`` for new connections (listeners and store are not rebuilt)."""
+        self.config = config
+        self.directory = CustomerDirectory(config.customers)
+        self.policy = Policy(config.policy)
+        self.tls_context = _tls_context(config)
+        helo = config.upstream.helo_name or config.server.hostname
+        old = getattr(self, "pool", None)
+        if old is None or old.config != config.upstream or old.helo != helo:
+            self.pool = UpstreamPool(config.upstream, helo)
+            if old is not None:
+                asyncio.get_running_loop().create_task(old.close())
+        limit = config.server.max_line_length
+        # A line of more than ``limit`` octets including CRLF has more than limit-2 other bytes.
+        self._long_line = re.compile(rb"[^\r\n]{%d}" % (limit - 1)) if limit else None
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def admit(self, session: GateSession) -> str | None:
+        """Register a new connection, or return the 421 reply that refuses it."""
+        server = self.config.server
+        if self.draining:
+            return "421 4.3.2 Service shutting down, please try again later"
+        ip = session.client_ip
+        if server.proxy_protocol and not any(
+            _in_network(ip, net) for net in server.proxy_trusted_networks
+        ):
+            return "421 4.7.0 PROXY protocol is only accepted from configured load balancers"
+        if len(self.sessions) >= server.max_connections:
+            return "421 4.7.0 Too many connections, please try again later"
+        if self.per_client[ip] >= server.max_connections_per_client:
+            return "421 4.7.0 Too many connections from your address, please try again later"
+        self.sessions.add(session)
+        self.per_client[ip] += 1
+        return None
+
+    def forget(self, session: GateSession) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            ip = session.client_ip
+            self.per_client[ip] -= 1
+            if self.per_client[ip] <= 0:
+                del self.per_client[ip]
+
+    # -- policy --------------------------------------------------------------------------------
+
+    async def evaluate_rcpt(self, facts: RcptFacts, tx: Transaction) -> Decision:
+        """The RCPT-stage decision for one recipient."""
+        start = time.perf_counter()
+        try:
+            return self.policy.rcpt(facts)
+        except StoreError as exc:
+            return self._degraded(exc, tx)
+        finally:
+            tx.policy_ms += (time.perf_counter() - start) * 1000
+
+    async def evaluate_message(self, facts: MessageFacts, tx: Transaction) -> Decision:
+        """The end-of-DATA decision for the whole message."""
+        start = time.perf_counter()
+        try:
+            return self.policy.message(facts)
+        except StoreError as exc:
+            return self._degraded(exc, tx)
+        finally:
+            tx.policy_ms += (time.perf_counter() - start) * 1000
+
+    def _degraded(self, exc: StoreError, tx: Transaction) -> Decision:
+        reply = self.config.policy.store_failure_reply
+        log.error("tx=%s store failure, answering %s: %s", tx.id, reply.code, exc)
+        verdict = Defer(reply.code, reply.enhanced, reply.text, rule="store_failure")
+        return Decision(verdict, verdict, self.config.policy.mode)
+
+    # -- AUTH --------------------------------------------------------------------------------
+
+    async def auth_blocked(self, ip: str) -> bool:
+        server = self.config.server
+        try:
+            count = await self.store.auth_failures(ip, time.time(), server.auth_failure_window)
+        except StoreError as exc:
+            log.error("store failure while checking AUTH failures of %s: %s", ip, exc)
+            raise
+        return count >= server.max_auth_failures_per_client
+
+    async def note_auth_failure(self, ip: str) -> bool:
+        """Count a failed AUTH; True when the address has now used up its allowance."""
+        server = self.config.server
+        try:
+            count = await self.store.note_auth_failure(ip, time.time(), server.auth_failure_window)
+        except StoreError as exc:
+            log.error("store failure while counting an AUTH failure of %s: %s", ip, exc)
+            raise
+        return count >= server.max_auth_failures_per_client
+
+    async def verify_user(self, name: str, password: bytes) -> Customer | None:
+        """The customer whose user ``name`` has ``password``, checked in a worker thread."""
+        entry = self.directory.user(name)
+        stored = entry[1].password_hash if entry else _DUMMY_HASH
+        ok = await asyncio.get_running_loop().run_in_executor(None, self._verify, stored, password)
+        return entry[0] if ok and entry else None
+
+    def _verify(self, stored: str, password: bytes) -> bool:
+        try:
+            return self._hasher.verify(stored, password)
+        except (Argon2Error, InvalidHashError):
+            return False
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def long_line(self, body: bytes) -> bool:
+        return self._long_line is not None and self._long_line.search(body) is not None
+
+    def rfc2822_now(self) -> str:
+        """The current date for Received headers, formatted once per second."""
+        now = int(time.time())
+        if self._date_cache[0] != now:
+            self._date_cache = (now, formatdate(now, localtime=False))
+        return self._date_cache[1]
+
+
+def _in_network(ip: str, net: object) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(ip) in net  # type: ignore[operator]
+    except ValueError:
+        return False
+
+
+def _tls_context(config: Config) -> ssl.SSLContext | None:
+    server = config.server
+    if server.tls_certificate is None or server.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(server.tls_certificate), str(server.tls_key))
+    return context
