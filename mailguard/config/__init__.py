@@ -1,1 +1,1 @@
-"""Configuration: the frozen schema (``schema``) and the TOML loader that validates it (``load``)."""
+"""Configuration: the frozen schema (``schema``) and the validating TOML loader (``load``)."""
