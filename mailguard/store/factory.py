@@ -1,0 +1,41 @@
+"""``open_store``: the ``Store`` a ``[store]`` section asks for.
+
+Responsible for: choosing between the embedded redis-server (``url = "embedded"``: a private
+child in ``{state_dir}/redis`` that the returned store owns and stops on ``close()``) and a
+Redis server or cluster at a URL (see ``redis_store`` for the URL forms, ``?cluster=1`` included).
+Must never: keep a second reference to the store or the child.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mailguard.config.schema import StoreConfig
+from mailguard.store.embedded import EmbeddedRedis
+from mailguard.store.redis_store import RedisStore
+
+EMBEDDED = "embedded"
+
+
+async def open_store(config: StoreConfig, state_dir: Path) -> RedisStore:
+    """Open the configured store.
+
+    For ``embedded`` this starts the redis-server child (and waits until it answers), raising
+    ``EmbeddedRedisError`` (a ``StoreError``) with the reason if it cannot.  A URL store connects
+    lazily: a server that is down now gives ``StoreError`` on each call until it is back.
+    ``ValueError`` if the URL is unusable.
+    """
+    if config.url != EMBEDDED:
+        return RedisStore(config.url, timeout=config.timeout, key_prefix=config.key_prefix)
+    embedded = EmbeddedRedis(state_dir, config.redis_server)
+    await embedded.start()
+    try:
+        return RedisStore(
+            embedded.url,
+            timeout=config.timeout,
+            key_prefix=config.key_prefix,
+            on_close=embedded.stop,
+        )
+    except BaseException:
+        await embedded.stop()
+        raise

@@ -1,0 +1,233 @@
+"""``RedisStore``: the ``Store`` on Redis (a server, Redis Cluster, or the embedded child).
+
+Responsible for: running one Lua script per operation (``mailguard/store/lua/*.lua``, loaded once
+from package data, called by EVALSHA with a fallback to SCRIPT LOAD), bounding every call by
+``[store] timeout``, reconnecting after the server comes back, and turning every failure (Redis
+error, timeout, OSError) into ``StoreError`` naming the store (password hidden) and the operation.
+Must never: read a clock for decisions, decide policy, or let a Redis exception escape.
+
+URLs (``[store] url``), as redis-py parses them::
+
+    redis://[[user]:[password]@]host[:port][/db]      TCP
+    rediss://[[user]:[password]@]host[:port][/db]     TCP with TLS
+    unix:///path/to/redis.sock[?db=0&password=...]   unix socket
+    redis://host:port?cluster=1                      Redis Cluster (any node as the seed;
+                                                     also rediss://; not with unix://)
+
+``cluster=1`` (or ``true``/``yes``) is mailguard's own query parameter: it selects
+``redis.asyncio.cluster.RedisCluster``; the key layout (``keys``) keeps each script's keys in one
+hash slot.  Other query parameters go to redis-py unchanged.
+
+Timeouts: the socket connect/read timeouts are ``timeout`` and the whole call (retries included)
+is also bounded by ``asyncio.wait_for``.  A connection error is retried twice after a few
+milliseconds, so the first call after a server restart reconnects transparently, and a down server
+is reported within milliseconds.  Retrying a script is safe: each call carries a unique member id,
+so a repeated ``auth_failure`` does not count twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from mailguard.store.base import StoreError
+from mailguard.store.keys import Keys
+
+T = TypeVar("T")
+
+_SCHEMES = ("redis", "rediss", "unix")
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+_SECRET_PARAMS = frozenset({"password", "ssl_password"})
+_RETRIES = 2
+MAX_CONNECTIONS = 64
+
+
+@cache
+def lua_script(name: str) -> str:
+    """The text of ``mailguard/store/lua/{name}.lua`` (package data, read once)."""
+    return resources.files("mailguard.store").joinpath("lua", f"{name}.lua").read_text("utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreURL:
+    """A parsed ``[store] url``: what redis-py gets, whether it is a cluster, and what we show."""
+
+    url: str  # for redis-py, mailguard's own parameters removed
+    cluster: bool
+    display: str  # password replaced by ***
+
+    @classmethod
+    def parse(cls, url: str) -> StoreURL:
+        """Parse and check ``url``; ``ValueError`` with a user-facing text if it is not usable."""
+        base, _, query = url.partition("?")
+        scheme = urlsplit(base).scheme
+        if scheme not in _SCHEMES:
+            raise ValueError(
+                f"[store] url {redact_url(url)!r}: must be redis://, rediss://, unix:// or"
+                ' "embedded"'
+            )
+        params = parse_qsl(query, keep_blank_values=True)
+        cluster = False
+        for name, value in params:
+            if name == "cluster":
+                if value.lower() not in _TRUE | _FALSE:
+                    raise ValueError(f"[store] url: cluster={value!r} must be 1 or 0")
+                cluster = value.lower() in _TRUE
+        if cluster and scheme == "unix":
+            raise ValueError("[store] url: cluster=1 needs redis:// or rediss://, not unix://")
+        rest = [(n, v) for n, v in params if n != "cluster"]
+        clean = f"{base}?{urlencode(rest)}" if rest else base
+        return cls(url=clean, cluster=cluster, display=redact_url(url))
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password (user-info or ``password=`` parameter) replaced by ``***``."""
+    base, sep, query = url.partition("?")
+    scheme, rest = base.split("://", 1) if "://" in base else ("", base)
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        netloc = f"{userinfo}@{host}"
+    base = f"{scheme}://{netloc}{slash}{path}" if scheme else f"{netloc}{slash}{path}"
+    if sep:
+        pairs = [p.partition("=") for p in query.split("&")]
+        query = "&".join(
+            f"{n}{eq}***" if n in _SECRET_PARAMS and eq else f"{n}{eq}{v}" for n, eq, v in pairs
+        )
+    return f"{base}{sep}{query}"
+
+
+def _float_arg(name: str, value: float) -> str:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, not {value!r}")
+    return repr(value)  # shortest text that round-trips: Redis parses back the same double
+
+
+def _window_arg(window: float) -> str:
+    if not window > 0:
+        raise ValueError(f"window must be positive, not {window!r}")
+    return _float_arg("window", window)
+
+
+class RedisStore:
+    """The ``Store`` protocol on Redis or Redis Cluster; see the module docstring."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 2.0,
+        key_prefix: str = "mg",
+        max_connections: int = MAX_CONNECTIONS,
+        on_close: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Connect lazily to ``url``; ``ValueError`` if the URL or prefix is unusable.
+
+        At most ``max_connections`` calls are in flight (per node on a cluster); further calls
+        wait for a free connection within their timeout.  ``on_close`` runs after the
+        connections are closed (the factory stops an embedded redis-server with it).
+        """
+        if not timeout > 0:
+            raise ValueError(f"[store] timeout must be positive, not {timeout!r}")
+        parsed = StoreURL.parse(url)
+        self.url = parsed.display
+        self.cluster = parsed.cluster
+        self.timeout = timeout
+        self.keys = Keys(key_prefix)
+        self._on_close = on_close
+        self._closed = False
+        self._slots = asyncio.Semaphore(max_connections)
+        options: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry": Retry(
+                ExponentialWithJitterBackoff(base=0.005, cap=min(0.05, timeout / 10)), _RETRIES
+            ),
+            "client_name": "mailguard",
+            "max_connections": max_connections,
+        }
+        self._redis: Redis | RedisCluster
+        try:
+            if parsed.cluster:
+                self._redis = RedisCluster.from_url(parsed.url, **options)
+            else:
+                self._redis = Redis.from_url(parsed.url, **options)
+                # redis-py passes unknown URL parameters to the connection class, which would
+                # fail with TypeError on first use: build one (unconnected) now to find out.
+                self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        except (ValueError, TypeError, RedisError, RedisClusterException) as exc:
+            raise ValueError(f"[store] url {self.url!r}: {exc}") from exc
+        self._auth_failure: AsyncScript = self._redis.register_script(lua_script("auth_failure"))
+        self._auth_failures_count: AsyncScript = self._redis.register_script(
+            lua_script("auth_failures_count")
+        )
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.url!r}{', cluster' if self.cluster else ''})"
+
+    async def _run(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Run one store call bounded by the timeout; every failure becomes ``StoreError``."""
+        if self._closed:
+            raise StoreError(f"store {self.url}: {operation}: the store is closed")
+
+        async def bounded() -> T:
+            async with self._slots:
+                return await call()
+
+        try:
+            return await asyncio.wait_for(bounded(), self.timeout)
+        except (TimeoutError, RedisTimeoutError) as exc:
+            raise StoreError(
+                f"store {self.url}: {operation} timed out after {self.timeout:g}s"
+            ) from exc
+        except (RedisError, RedisClusterException, OSError) as exc:
+            raise StoreError(f"store {self.url}: {operation} failed: {exc}") from exc
+
+    async def ping(self) -> None:
+        await self._run("ping", self._redis.ping)
+
+    async def note_auth_failure(self, client: str, now: float, window: float) -> int:
+        key = self.keys.auth_failures(client)
+        args = [_float_arg("now", now), _window_arg(window), uuid.uuid4().hex]
+        result = await self._run(
+            "note_auth_failure", lambda: self._auth_failure(keys=[key], args=args)
+        )
+        return int(result)
+
+    async def auth_failures(self, client: str, now: float, window: float) -> int:
+        key = self.keys.auth_failures(client)
+        args = [_float_arg("now", now), _window_arg(window)]
+        result = await self._run(
+            "auth_failures", lambda: self._auth_failures_count(keys=[key], args=args)
+        )
+        return int(result)
+
+    async def close(self) -> None:
+        """Close the connections, then run ``on_close`` (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._redis.aclose()
+        finally:
+            if self._on_close is not None:
+                await self._on_close()

@@ -1,0 +1,395 @@
+"""Contract tests for ``RedisStore`` against a real redis-server (shared and embedded).
+
+Time is injected: no test sleeps to move a window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from redis.asyncio import Redis
+
+from mailguard.config.schema import StoreConfig
+from mailguard.store.base import Store, StoreError
+from mailguard.store.factory import open_store
+from mailguard.store.keys import Keys
+from mailguard.store.redis_store import RedisStore, StoreURL, lua_script, redact_url
+from tests.conftest import RedisServer, redis_server_binary
+
+NOW = 1_700_000_000.0
+WINDOW = 900.0
+CLIENT = "192.0.2.1"
+
+
+@pytest.fixture(params=["server", "embedded"])
+async def store(
+    request: pytest.FixtureRequest, redis_url: str, tmp_path: Path
+) -> AsyncIterator[RedisStore]:
+    """The same scenarios on a RedisStore over a URL and over the embedded child."""
+    if request.param == "server":
+        config = StoreConfig(url=redis_url)
+    else:
+        config = StoreConfig(url="embedded", redis_server=redis_server_binary())
+    opened = await open_store(config, tmp_path)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture
+async def raw(store: RedisStore) -> AsyncIterator[Redis]:
+    """A plain client on the same server as ``store``, for looking behind the interface."""
+    client = Redis.from_url(store.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def test_redis_store_is_a_store(redis_url: str) -> None:
+    store: Store = RedisStore(redis_url)  # mypy checks the protocol here
+    await store.close()
+
+
+async def test_ping(store: RedisStore) -> None:
+    await store.ping()
+
+
+async def test_sliding_window_counts(store: RedisStore) -> None:
+    assert await store.auth_failures(CLIENT, NOW, 10) == 0
+    assert await store.note_auth_failure(CLIENT, NOW, 10) == 1
+    assert await store.note_auth_failure(CLIENT, NOW + 1, 10) == 2
+    assert await store.note_auth_failure(CLIENT, NOW + 2, 10) == 3
+    assert await store.auth_failures(CLIENT, NOW + 9.5, 10) == 3
+    # The window is (now - window, now]: a failure exactly ``window`` ago has left it.
+    assert await store.auth_failures(CLIENT, NOW + 10, 10) == 2
+    assert await store.auth_failures(CLIENT, NOW + 11.5, 10) == 1
+    assert await store.auth_failures(CLIENT, NOW + 12, 10) == 0
+    # Old entries are trimmed on write and do not count again.
+    assert await store.note_auth_failure(CLIENT, NOW + 11, 10) == 2
+    assert await store.note_auth_failure(CLIENT, NOW + 100, 10) == 1
+
+
+async def test_count_is_limited_to_now(store: RedisStore) -> None:
+    """Entries later than ``now`` (another process's clock ahead) are not in the window."""
+    await store.note_auth_failure(CLIENT, NOW + 5, WINDOW)
+    assert await store.auth_failures(CLIENT, NOW, WINDOW) == 0
+    assert await store.note_auth_failure(CLIENT, NOW, WINDOW) == 1
+    assert await store.auth_failures(CLIENT, NOW + 5, WINDOW) == 2
+
+
+async def test_equal_timestamps_are_distinct_failures(store: RedisStore) -> None:
+    counts = [await store.note_auth_failure(CLIENT, NOW, WINDOW) for _ in range(5)]
+    assert counts == [1, 2, 3, 4, 5]
+
+
+async def test_full_precision_of_epoch_timestamps(store: RedisStore) -> None:
+    """Sub-millisecond times near today's epoch survive (Lua's tostring would keep 14 digits)."""
+    await store.note_auth_failure(CLIENT, NOW + 0.00001, 10)
+    assert await store.auth_failures(CLIENT, NOW + 10.000005, 10) == 1
+    assert await store.auth_failures(CLIENT, NOW + 10.00002, 10) == 0
+
+
+async def test_clients_are_counted_separately(store: RedisStore) -> None:
+    await store.note_auth_failure("192.0.2.1", NOW, WINDOW)
+    await store.note_auth_failure("2001:db8::1", NOW, WINDOW)
+    assert await store.note_auth_failure("2001:DB8:0::1", NOW, WINDOW) == 2
+    assert await store.auth_failures("192.0.2.1", NOW, WINDOW) == 1
+    assert await store.auth_failures("192.0.2.2", NOW, WINDOW) == 0
+
+
+async def test_every_key_written_expires(store: RedisStore, raw: Redis) -> None:
+    await store.note_auth_failure("192.0.2.1", NOW, WINDOW)
+    await store.note_auth_failure("192.0.2.2", NOW, 30.0001)
+    await store.note_auth_failure("2001:db8::1", NOW, 86400 * 7)
+    keys = [key async for key in raw.scan_iter()]
+    assert len(keys) == 3
+    for key in keys:
+        assert await raw.pttl(key) > 0, key
+    assert 0 < await raw.pttl(store.keys.auth_failures("192.0.2.1")) <= WINDOW * 1000
+
+
+async def test_reads_write_nothing(store: RedisStore, raw: Redis) -> None:
+    assert await store.auth_failures(CLIENT, NOW, WINDOW) == 0
+    assert await raw.dbsize() == 0
+
+
+async def test_keys_use_the_configured_layout(store: RedisStore, raw: Redis) -> None:
+    await store.note_auth_failure(CLIENT, NOW, WINDOW)
+    assert [key async for key in raw.scan_iter()] == [Keys("mg").auth_failures(CLIENT).encode()]
+
+
+async def test_concurrent_failures_each_see_a_distinct_count(store: RedisStore) -> None:
+    counts = await asyncio.gather(
+        *(store.note_auth_failure(CLIENT, NOW, WINDOW) for _ in range(200))
+    )
+    assert sorted(counts) == list(range(1, 201))
+    assert await store.auth_failures(CLIENT, NOW, WINDOW) == 200
+
+
+async def test_a_retried_script_call_counts_once(store: RedisStore, raw: Redis) -> None:
+    """The unique member makes a client-side retry of the same call idempotent."""
+    script = raw.register_script(lua_script("auth_failure"))
+    key = store.keys.auth_failures(CLIENT)
+    args = [repr(NOW), repr(WINDOW), "same-id"]
+    assert await script(keys=[key], args=args) == 1
+    assert await script(keys=[key], args=args) == 1
+
+
+async def test_scripts_are_reloaded_after_script_flush(store: RedisStore, raw: Redis) -> None:
+    assert await store.note_auth_failure(CLIENT, NOW, WINDOW) == 1
+    await raw.script_flush()
+    assert await store.note_auth_failure(CLIENT, NOW, WINDOW) == 2
+    assert await store.auth_failures(CLIENT, NOW, WINDOW) == 2
+
+
+async def test_redis_errors_become_store_errors(store: RedisStore, raw: Redis) -> None:
+    await raw.set(store.keys.auth_failures(CLIENT), "not a sorted set")
+    with pytest.raises(StoreError, match=r"note_auth_failure failed: .*WRONGTYPE"):
+        await store.note_auth_failure(CLIENT, NOW, WINDOW)
+
+
+@pytest.mark.parametrize("window", [0.0, -1.0, float("nan"), float("inf")])
+async def test_bad_window_is_a_programming_error(store: RedisStore, window: float) -> None:
+    with pytest.raises(ValueError, match="window"):
+        await store.note_auth_failure(CLIENT, NOW, window)
+    with pytest.raises(ValueError, match="window"):
+        await store.auth_failures(CLIENT, NOW, window)
+
+
+async def test_closed_store_raises_store_error(redis_url: str) -> None:
+    store = RedisStore(redis_url)
+    await store.close()
+    await store.close()  # idempotent
+    with pytest.raises(StoreError, match="closed"):
+        await store.ping()
+
+
+# -- outages ---------------------------------------------------------------------------------
+
+
+async def test_stopped_server_fails_fast(redis_server: RedisServer, redis_url: str) -> None:
+    store = RedisStore(redis_url, timeout=1.0)
+    try:
+        redis_server.stop()
+        calls: list[Callable[[], Awaitable[object]]] = [
+            store.ping,
+            lambda: store.note_auth_failure(CLIENT, NOW, WINDOW),
+            lambda: store.auth_failures(CLIENT, NOW, WINDOW),
+        ]
+        for call in calls:
+            started = time.monotonic()
+            with pytest.raises(StoreError, match=f"store {redis_url}: .* failed"):
+                await call()
+            assert time.monotonic() - started < 0.5
+    finally:
+        await store.close()
+        redis_server.start()
+
+
+async def test_hung_server_times_out(redis_server: RedisServer, redis_url: str) -> None:
+    store = RedisStore(redis_url, timeout=0.3)
+    try:
+        redis_server.pause()
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=r"note_auth_failure timed out after 0\.3s"):
+            await store.note_auth_failure(CLIENT, NOW, WINDOW)
+        assert 0.25 < time.monotonic() - started < 1.0
+    finally:
+        redis_server.resume()
+        await store.close()
+
+
+async def test_recovers_after_restart(redis_server: RedisServer, redis_url: str) -> None:
+    store = RedisStore(redis_url, timeout=1.0)
+    try:
+        assert await store.note_auth_failure(CLIENT, NOW, WINDOW) == 1
+        redis_server.stop()
+        with pytest.raises(StoreError):
+            await store.ping()
+        redis_server.start()
+        await store.ping()
+        # A restart between two calls: the pooled connection is stale and the script cache
+        # empty; the first call still succeeds (reconnect and reload, no error surfaces).
+        redis_server.stop()
+        redis_server.start()
+        assert await store.note_auth_failure(CLIENT, NOW, WINDOW) == 1
+    finally:
+        await store.close()
+
+
+async def test_error_text_hides_the_password() -> None:
+    store = RedisStore("redis://user:s3cret@127.0.0.1:1/0", timeout=0.5)
+    try:
+        with pytest.raises(StoreError) as caught:
+            await store.ping()
+    finally:
+        await store.close()
+    assert "s3cret" not in str(caught.value)
+    assert "store redis://user:***@127.0.0.1:1/0: ping failed" in str(caught.value)
+
+
+# -- URLs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://localhost:6379/0", "redis://localhost:6379/0"),
+        ("redis://:pw@host:1/2", "redis://:***@host:1/2"),
+        ("rediss://u:p:w@host:1", "rediss://u:***@host:1"),
+        ("unix:///run/r.sock?db=1&password=pw", "unix:///run/r.sock?db=1&password=***"),
+        ("redis://u@host", "redis://u@host"),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_store_url_cluster_parameter() -> None:
+    parsed = StoreURL.parse("redis://:pw@host:7000?cluster=1&socket_keepalive=yes")
+    assert parsed.cluster
+    assert parsed.url == "redis://:pw@host:7000?socket_keepalive=yes"
+    assert parsed.display == "redis://:***@host:7000?cluster=1&socket_keepalive=yes"
+    assert not StoreURL.parse("redis://host?cluster=0").cluster
+    assert StoreURL.parse("unix:///x.sock").url == "unix:///x.sock"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://host", "must be redis://, rediss://, unix://"),
+        ("localhost:6379", "must be redis://, rediss://, unix://"),
+        ("redis://host?cluster=maybe", "cluster='maybe' must be 1 or 0"),
+        ("unix:///x.sock?cluster=1", "cluster=1 needs redis://"),
+        ("redis://host?db=x", "Invalid value for 'db'"),
+        ("unix:///x.sock?foo=1", "unexpected keyword argument 'foo'"),
+        ("redis://host?foo=1&cluster=1", "unexpected keyword argument 'foo'"),
+    ],
+)
+def test_bad_urls(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RedisStore(url)
+
+
+# -- the factory -----------------------------------------------------------------------------
+
+
+async def test_open_store_on_a_url(redis_url: str, tmp_path: Path) -> None:
+    store = await open_store(StoreConfig(url=redis_url, timeout=0.7, key_prefix="t"), tmp_path)
+    try:
+        assert store.timeout == 0.7
+        assert store.keys.prefix == "t"
+        assert not (tmp_path / "redis").exists()
+        await store.ping()
+    finally:
+        await store.close()
+
+
+async def test_open_store_embedded_owns_the_child(tmp_path: Path) -> None:
+    config = StoreConfig(url="embedded", redis_server=redis_server_binary())
+    store = await open_store(config, tmp_path)
+    try:
+        assert store.url == f"unix://{tmp_path}/redis/redis.sock"
+        assert await store.note_auth_failure(CLIENT, NOW, WINDOW) == 1
+    finally:
+        await store.close()
+    assert not (tmp_path / "redis" / "redis.sock").exists()  # the child is gone
+    # The state directory is free again, and the data persisted.
+    store = await open_store(config, tmp_path)
+    try:
+        assert await store.auth_failures(CLIENT, NOW, WINDOW) == 1
+    finally:
+        await store.close()
+
+
+# -- Redis Cluster ---------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    """A TCP port that is free, and whose cluster bus port (+10000) is free too."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+@pytest.fixture(scope="module")
+def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A one-node Redis Cluster owning every slot (it takes ~2 s to declare itself ok)."""
+    directory = tmp_path_factory.mktemp("cluster")
+    port = _free_port()
+    args = [
+        redis_server_binary(),
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--cluster-enabled", "yes",
+        "--cluster-config-file", str(directory / "nodes.conf"),
+        "--dir", str(directory),
+        "--save", "",
+        "--appendonly", "no",
+        "--logfile", str(directory / "redis.log"),
+    ]  # fmt: skip
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port, socket_timeout=1)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    client.cluster("ADDSLOTSRANGE", "0", "16383")
+                    break
+                except redis.ConnectionError:
+                    assert time.monotonic() < deadline, "cluster node did not start"
+                    time.sleep(0.01)
+            while client.cluster("info")["cluster_state"] != "ok":
+                assert time.monotonic() < deadline, "cluster did not become ok"
+                time.sleep(0.02)
+        finally:
+            client.close()
+        yield f"redis://127.0.0.1:{port}?cluster=1"
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+async def test_cluster(cluster_url: str) -> None:
+    store = RedisStore(cluster_url, timeout=1.0)
+    try:
+        assert store.cluster
+        await store.ping()
+        counts = await asyncio.gather(
+            *(store.note_auth_failure("198.51.100.7", NOW, WINDOW) for _ in range(50))
+        )
+        assert sorted(counts) == list(range(1, 51))
+        assert await store.auth_failures("198.51.100.7", NOW + WINDOW - 1, WINDOW) == 50
+        assert await store.auth_failures("198.51.100.7", NOW + WINDOW, WINDOW) == 0
+    finally:
+        await store.close()
+
+
+async def test_cluster_unreachable_is_a_store_error() -> None:
+    store = RedisStore(f"redis://127.0.0.1:{_free_port()}?cluster=1", timeout=0.5)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=r"store redis://127\.0\.0\.1:\d+\?cluster=1: ping"):
+            await store.ping()
+        assert time.monotonic() - started < 1.5
+    finally:
+        await store.close()
