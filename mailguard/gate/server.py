@@ -63,15 +63,14 @@ class Gate:
         while True:
             for session in list(runtime.sessions):
                 session.closing = True
-                if session.idle and session.transport is not None:
-                    await session.push("421 4.3.2 Service shutting down, please try again later")
+                if session.idle:
+                    session.hang_up("421 4.3.2 Service shutting down, please try again later")
             if not runtime.sessions or time.monotonic() >= end:
                 break
             await asyncio.sleep(0.05)
         for session in list(runtime.sessions):
-            if session.transport is not None:
-                log.warning("drain deadline: closing %s mid-transaction", session.client_ip)
-                session.transport.close()
+            log.warning("drain deadline: closing %s mid-transaction", session.client_ip)
+            session.hang_up("421 4.3.2 Service shutting down, please try again later")
         await asyncio.sleep(0)
         await runtime.pool.close()
 

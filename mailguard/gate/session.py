@@ -20,7 +20,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
@@ -143,8 +143,7 @@ class GateSession(SMTP):
             refusal = self.runtime.admit(self)
             if refusal is not None:
                 log.warning("refused connection from %s: %s", self.client_ip, refusal)
-                assert isinstance(transport, asyncio.WriteTransport)
-                transport.write(f"{refusal}\r\n".encode())
+                cast(asyncio.WriteTransport, transport).write(f"{refusal}\r\n".encode())
                 transport.close()
                 return
             self._counted = True
@@ -212,7 +211,8 @@ class GateSession(SMTP):
             lines.append("STARTTLS")
         if self._auth_allowed():
             lines.append("AUTH PLAIN LOGIN")
-        await self.push(UpstreamReply(250, tuple(lines)).render())
+        # EHLO keywords must not get enhanced codes, so this bypasses push()'s normalising.
+        await SMTP.push(self, UpstreamReply(250, tuple(lines)).render())
 
     async def smtp_HELO(self, hostname: str) -> None:
         self._abort_transaction("HELO")
@@ -442,7 +442,8 @@ class GateSession(SMTP):
     async def _data(self, tx: Transaction) -> None:
         server = self.config.server
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        self._reset_timeout(server.data_timeout)
+        # aiosmtpd's idle timer would close silently; the DATA deadline below answers 421 first.
+        self._reset_timeout(server.data_timeout + 5)
         try:
             async with asyncio.timeout(server.data_timeout):
                 body, size, over = await self._read_data(server.max_message_size)
@@ -630,6 +631,14 @@ class GateSession(SMTP):
             self.tx = None
             if tx.upstream is not None:
                 self.runtime.pool.release(tx.upstream)
+
+    def hang_up(self, reply: str) -> None:
+        """Send a last reply and close, without waiting (for draining)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        cast(asyncio.WriteTransport, transport).write(reply.encode() + b"\r\n")
+        transport.close()
 
     @property
     def idle(self) -> bool:

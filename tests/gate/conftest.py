@@ -176,3 +176,11 @@ async def make_gate(
         await gate.drain(0.5)
         await store.close()
         dlog.close()
+
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Gate tests run on uvloop, as ``mailguard serve`` does."""
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop}

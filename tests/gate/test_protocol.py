@@ -29,6 +29,7 @@ TRICKS = [
 
 
 async def test_banner_and_ehlo(make_gate: MakeGate):
+    assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
     gate = await make_gate()
     async with RawClient(gate.host, gate.port) as c:
         assert c.banner.startswith("220 gate.test ESMTP mailguard")

@@ -146,7 +146,7 @@ async def test_sigterm_drains_in_flight_transaction(
         await busy.send(b"still sending\r\n.\r\n")
         assert (await busy.reply()).startswith("250")  # the transaction in flight completes
         assert (await busy.reply()).startswith("421 4.3.2")
-    assert await asyncio.wait_for(gp.proc.wait(), 10) == 0
+    assert await asyncio.wait_for(gp.proc.wait(), 10) == 0, gp.stderr()
     assert len(upstream.messages) == 1
     assert b"still sending" in upstream.messages[0].data
 
