@@ -87,13 +87,24 @@ class GateRuntime:
         self.per_client[ip] += 1
         return None
 
+    def readdress(self, session: GateSession, ip: str) -> str | None:
+        """Move a session to the client address a PROXY header named, or refuse it."""
+        if self.per_client[ip] >= self.config.server.max_connections_per_client:
+            return "421 4.7.0 Too many connections from your address, please try again later"
+        self._release_address(session.client_ip)
+        session.client_ip = ip
+        self.per_client[ip] += 1
+        return None
+
+    def _release_address(self, ip: str) -> None:
+        self.per_client[ip] -= 1
+        if self.per_client[ip] <= 0:
+            del self.per_client[ip]
+
     def forget(self, session: GateSession) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
-            ip = session.client_ip
-            self.per_client[ip] -= 1
-            if self.per_client[ip] <= 0:
-                del self.per_client[ip]
+            self._release_address(session.client_ip)
 
     # -- policy --------------------------------------------------------------------------------
 

@@ -76,6 +76,17 @@ class _StrictReader:
         setattr(self._inner, name, value)
 
 
+class _Hooks:
+    """aiosmtpd handler hooks that must reach the session (aiosmtpd passes it as ``server``)."""
+
+    async def handle_PROXY(self, server: GateSession, session: Any, envelope: Any,
+                           proxy_data: Any) -> bool:
+        return server.proxied(proxy_data)
+
+
+_HOOKS = _Hooks()
+
+
 def new_transaction_id() -> str:
     return secrets.token_hex(6)
 
@@ -106,7 +117,7 @@ class GateSession(SMTP):
         config = runtime.config
         server = config.server
         super().__init__(
-            handler=None,
+            handler=_HOOKS,
             data_size_limit=server.max_message_size,
             enable_SMTPUTF8=True,
             hostname=server.hostname,
@@ -149,6 +160,22 @@ class GateSession(SMTP):
             self._counted = True
             self.customer = self.runtime.directory.by_address(self.client_ip)
         super().connection_made(transport)
+
+    def proxied(self, proxy_data: Any) -> bool:
+        """Take the client address from a PROXY header (sent by a trusted load balancer, as
+        ``admit`` checked); False closes the connection."""
+        src = getattr(proxy_data, "src_addr", None)
+        if src is None or not proxy_data.valid:
+            log.warning("invalid PROXY header from %s", self.client_ip)
+            return False
+        address = str(getattr(src, "ip", src))
+        refusal = self.runtime.readdress(self, address)
+        if refusal is not None:
+            log.warning("refused proxied client %s: %s", address, refusal)
+            self.hang_up(refusal)
+            return False
+        self.customer = self.runtime.directory.by_address(self.client_ip)
+        return True
 
     def connection_lost(self, error: BaseException | None) -> None:
         if not self._counted:

@@ -13,7 +13,12 @@ from mailguard.core.addresses import AddressError, parse_envelope_arg
     ("arg", "address", "params", "routed"),
     [
         ("<a@b.example>", "a@b.example", {}, False),
-        (" <a@b.example> SIZE=100 BODY=8BITMIME", "a@b.example", {"SIZE": "100", "BODY": "8BITMIME"}, False),
+        (
+            " <a@b.example> SIZE=100 BODY=8BITMIME",
+            "a@b.example",
+            {"SIZE": "100", "BODY": "8BITMIME"},
+            False,
+        ),
         ("a@b.example", "a@b.example", {}, False),
         ("<>", "", {}, False),
         ("<a@[192.0.2.1]>", "a@[192.0.2.1]", {}, False),

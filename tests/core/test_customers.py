@@ -7,8 +7,11 @@ import ipaddress
 from mailguard.config.schema import Customer, User
 from mailguard.core.customers import CustomerDirectory
 
-ACME = Customer("acme", (ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8::/48")),
-                users=(User("acme-relay", "$argon2id$x"),))
+ACME = Customer(
+    "acme",
+    (ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8::/48")),
+    users=(User("acme-relay", "$argon2id$x"),),
+)
 LISTS = Customer("lists", (ipaddress.ip_network("198.51.100.7/32"),))
 
 

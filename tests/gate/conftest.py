@@ -49,7 +49,12 @@ class RecordingUpstream:
     server: asyncio.base_events.Server | None = None
 
     async def handle_EHLO(
-        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
         return [*responses[:-1], "250-PIPELINING", responses[-1]]
@@ -88,8 +93,13 @@ class RecordingUpstream:
 
         def factory() -> SMTP:
             self.connections += 1
-            return SMTP(self, hostname="upstream.test", enable_SMTPUTF8=True,
-                        data_size_limit=None, loop=loop)
+            return SMTP(
+                self,
+                hostname="upstream.test",
+                enable_SMTPUTF8=True,
+                data_size_limit=None,
+                loop=loop,
+            )
 
         self.server = await loop.create_server(factory, self.host, self.port)
         self.port = self.server.sockets[0].getsockname()[1]
@@ -140,6 +150,7 @@ networks = ["127.0.0.0/8"]
 domains = ["acme.example"]
 """
 
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -159,8 +170,11 @@ async def make_gate(
         text = (toml if toml is not None else BASE_CONFIG) + extra
         log_path = tmp_path / f"decisions-{len(started)}.jsonl"
         text = text.format(
-            state_dir=tmp_path / "state", upstream_port=upstream.port, redis_url=redis_url,
-            log_path=log_path, gate_port=free_port(),
+            state_dir=tmp_path / "state",
+            upstream_port=upstream.port,
+            redis_url=redis_url,
+            log_path=log_path,
+            gate_port=free_port(),
         )
         config = parse_config(tomllib.loads(text), None)
         store = RedisStore(config.store.url, timeout=config.store.timeout)
@@ -176,7 +190,6 @@ async def make_gate(
         await gate.drain(0.5)
         await store.close()
         dlog.close()
-
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:

@@ -8,7 +8,8 @@ from types import TracebackType
 
 
 class RawClient:
-    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
+    def __init__(self, host: str, port: int, timeout: float = 10.0, proxy: bytes = b"") -> None:
+        self.proxy = proxy  # a PROXY protocol header to send before the banner
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -16,6 +17,8 @@ class RawClient:
 
     async def __aenter__(self) -> RawClient:
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        if self.proxy:
+            await self.send(self.proxy)
         self.banner = await self.reply()
         return self
 

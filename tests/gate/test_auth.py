@@ -17,11 +17,14 @@ from tests.gate.smtpraw import RawClient
 
 HASH = PasswordHasher(time_cost=1, memory_cost=8192).hash("s3cret")
 
-AUTH_CONFIG = BASE_CONFIG.replace('networks = ["127.0.0.0/8"]', 'networks = ["192.0.2.0/24"]') + f"""
+AUTH_CONFIG = (
+    BASE_CONFIG.replace('networks = ["127.0.0.0/8"]', 'networks = ["192.0.2.0/24"]')
+    + f"""
 [[customer.user]]
 name = "acme-relay"
 password_hash = "{HASH}"
 """
+)
 
 
 def plain(user: str, password: str) -> str:
@@ -39,16 +42,29 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("tls")
     cert, key = d / "cert.pem", d / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-         "-subj", "/CN=gate.test", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=gate.test",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
     )
     return cert, key
 
 
-async def test_auth_makes_an_outsider_a_customer(
-    make_gate: MakeGate, upstream: RecordingUpstream
-):
+async def test_auth_makes_an_outsider_a_customer(make_gate: MakeGate, upstream: RecordingUpstream):
     gate = await make_gate(no_tls(AUTH_CONFIG))
     async with RawClient(gate.host, gate.port) as c:
         ehlo = await c.ehlo()
@@ -134,3 +150,18 @@ async def test_auth_failures_per_address_across_connections(make_gate: MakeGate)
         # Even the right password is not checked any more from this address.
         reply = await c.cmd(f"AUTH PLAIN {plain('acme-relay', 's3cret')}")
         assert reply.startswith("421 4.7.0"), reply
+
+
+async def test_auth_with_store_down_is_temporary(make_gate: MakeGate, redis_server):  # type: ignore[no-untyped-def]
+    gate = await make_gate(no_tls(AUTH_CONFIG))
+    redis_server.stop()
+    try:
+        async with RawClient(gate.host, gate.port) as c:
+            await c.ehlo()
+            reply = await c.cmd(f"AUTH PLAIN {plain('acme-relay', 's3cret')}")
+            assert reply.startswith("454 4.7.0"), reply
+    finally:
+        redis_server.start()
+    async with RawClient(gate.host, gate.port) as c:  # recovers without a restart
+        await c.ehlo()
+        assert (await c.cmd(f"AUTH PLAIN {plain('acme-relay', 's3cret')}")).startswith("235")

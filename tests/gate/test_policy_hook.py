@@ -22,8 +22,13 @@ class BlockWord:
 
     def check_rcpt(self, facts: RcptFacts) -> Verdict | None:
         if facts.recipient.startswith("blocked@"):
-            return Reject(550, "5.7.1", "Refused: blocked recipient (AUP: test)", self.name,
-                          {"count": 1, "threshold": 0})
+            return Reject(
+                550,
+                "5.7.1",
+                "Refused: blocked recipient (AUP: test)",
+                self.name,
+                {"count": 1, "threshold": 0},
+            )
         return None
 
     def check_message(self, facts: MessageFacts) -> Verdict | None:
@@ -69,7 +74,10 @@ async def test_monitor_mode_refuses_nothing(make_gate: MakeGate, upstream: Recor
     line = gate.decisions()[-1]
     assert line["decision"] == "accept"
     assert line["policy"] == {
-        "mode": "monitor", "found": "defer", "rule": "block_word", "numbers": {"words": 1}
+        "mode": "monitor",
+        "found": "defer",
+        "rule": "block_word",
+        "numbers": {"words": 1},
     }
 
 

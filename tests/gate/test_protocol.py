@@ -55,7 +55,7 @@ async def test_outsider_never_relays(make_gate: MakeGate, upstream: RecordingUps
 
 @pytest.mark.parametrize(
     "rcpt",
-    [r for r in TRICKS if any(ch in r for ch in "%!:\"") and "[IPv6" not in r],
+    [r for r in TRICKS if any(ch in r for ch in '%!:"') and "[IPv6" not in r],
 )
 async def test_customer_routing_tricks_refused(
     make_gate: MakeGate, upstream: RecordingUpstream, rcpt: str
@@ -116,15 +116,22 @@ async def test_bare_lf_in_command_closes(make_gate: MakeGate, upstream: Recordin
 
 
 async def test_message_size_limit(make_gate: MakeGate, upstream: RecordingUpstream):
-    gate = await make_gate(BASE_CONFIG.replace('hostname = "gate.test"',
-                                               'hostname = "gate.test"\nmax_message_size = "10KB"'))
+    gate = await make_gate(
+        BASE_CONFIG.replace(
+            'hostname = "gate.test"', 'hostname = "gate.test"\nmax_message_size = "10KB"'
+        )
+    )
     async with RawClient(gate.host, gate.port) as c:
         await c.ehlo()
         assert (await c.cmd("MAIL FROM:<a@acme.example> SIZE=20000")).startswith("552 5.3.4")
         await c.cmd("MAIL FROM:<a@acme.example>")
         await c.cmd("RCPT TO:<b@example.org>")
-        reply = await c.data(b"Subject: big\r\n\r\n" + b"0123456789" * 30 * 2 + b"\r\n" * 0
-                             + (b"x" * 98 + b"\r\n") * 120)
+        reply = await c.data(
+            b"Subject: big\r\n\r\n"
+            + b"0123456789" * 30 * 2
+            + b"\r\n" * 0
+            + (b"x" * 98 + b"\r\n") * 120
+        )
         assert reply.startswith("552 5.3.4"), reply
         await c.cmd("MAIL FROM:<a@acme.example>")
         await c.cmd("RCPT TO:<b@example.org>")
@@ -147,8 +154,9 @@ async def test_smtputf8(make_gate: MakeGate, upstream: RecordingUpstream):
 
 
 async def test_max_recipients(make_gate: MakeGate, upstream: RecordingUpstream):
-    gate = await make_gate(BASE_CONFIG.replace('hostname = "gate.test"',
-                                               'hostname = "gate.test"\nmax_recipients = 2'))
+    gate = await make_gate(
+        BASE_CONFIG.replace('hostname = "gate.test"', 'hostname = "gate.test"\nmax_recipients = 2')
+    )
     async with RawClient(gate.host, gate.port) as c:
         await c.ehlo()
         await c.cmd("MAIL FROM:<a@acme.example>")
@@ -179,8 +187,11 @@ async def test_command_errors_carry_enhanced_codes(make_gate: MakeGate):
 
 
 async def test_connection_limit_per_client(make_gate: MakeGate):
-    gate = await make_gate(BASE_CONFIG.replace(
-        'hostname = "gate.test"', 'hostname = "gate.test"\nmax_connections_per_client = 2'))
+    gate = await make_gate(
+        BASE_CONFIG.replace(
+            'hostname = "gate.test"', 'hostname = "gate.test"\nmax_connections_per_client = 2'
+        )
+    )
     async with RawClient(gate.host, gate.port) as a, RawClient(gate.host, gate.port) as b:
         assert a.banner.startswith("220") and b.banner.startswith("220")
         async with RawClient(gate.host, gate.port) as c:
@@ -192,8 +203,9 @@ async def test_connection_limit_per_client(make_gate: MakeGate):
 
 
 async def test_data_deadline_cuts_off_slow_client(make_gate: MakeGate, upstream: RecordingUpstream):
-    gate = await make_gate(BASE_CONFIG.replace(
-        'hostname = "gate.test"', 'hostname = "gate.test"\ndata_timeout = "1s"'))
+    gate = await make_gate(
+        BASE_CONFIG.replace('hostname = "gate.test"', 'hostname = "gate.test"\ndata_timeout = "1s"')
+    )
     async with RawClient(gate.host, gate.port) as c:
         await c.ehlo()
         await c.cmd("MAIL FROM:<a@acme.example>")
@@ -212,8 +224,73 @@ async def test_data_deadline_cuts_off_slow_client(make_gate: MakeGate, upstream:
 
 
 async def test_idle_timeout(make_gate: MakeGate):
-    gate = await make_gate(BASE_CONFIG.replace(
-        'hostname = "gate.test"', 'hostname = "gate.test"\ncommand_timeout = "1s"'))
+    gate = await make_gate(
+        BASE_CONFIG.replace(
+            'hostname = "gate.test"', 'hostname = "gate.test"\ncommand_timeout = "1s"'
+        )
+    )
     async with RawClient(gate.host, gate.port) as c:
         await c.ehlo()
         assert await c.closed()
+
+
+PROXIED = OUTSIDER.replace(
+    'hostname = "gate.test"',
+    'hostname = "gate.test"\nproxy_protocol = true\nproxy_trusted_networks = ["{lb}"]',
+)
+
+
+async def test_proxy_protocol_from_trusted_balancer(
+    make_gate: MakeGate, upstream: RecordingUpstream
+):
+    gate = await make_gate(PROXIED.replace("{lb}", "127.0.0.1/32"))
+    header = b"PROXY TCP4 192.0.2.5 198.51.100.1 40000 25\r\n"
+    async with RawClient(gate.host, gate.port, proxy=header) as c:
+        assert c.banner.startswith("220")
+        await c.ehlo()
+        await c.cmd("MAIL FROM:<a@acme.example>")
+        assert (await c.cmd("RCPT TO:<b@example.org>")).startswith("250")
+        assert (await c.data(b"Subject: x\r\n\r\nhi\r\n")).startswith("250")
+    assert b"([192.0.2.5])" in upstream.messages[0].data
+    assert gate.decisions()[-1]["client"] == "192.0.2.5"
+    outsider = b"PROXY TCP4 203.0.113.9 198.51.100.1 40000 25\r\n"
+    async with RawClient(gate.host, gate.port, proxy=outsider) as c:
+        await c.ehlo()
+        await c.cmd("MAIL FROM:<a@acme.example>")
+        assert (await c.cmd("RCPT TO:<b@example.org>")).startswith("554 5.7.1")
+
+
+async def test_proxy_protocol_refused_from_others(make_gate: MakeGate):
+    gate = await make_gate(PROXIED.replace("{lb}", "10.0.0.0/8"))
+    header = b"PROXY TCP4 192.0.2.5 198.51.100.1 40000 25\r\n"
+    async with RawClient(gate.host, gate.port, proxy=header) as c:
+        assert c.banner.startswith("421 4.7.0")
+        assert await c.closed()
+
+
+async def test_proxy_header_not_honoured_when_disabled(make_gate: MakeGate):
+    gate = await make_gate(OUTSIDER)
+    header = b"PROXY TCP4 192.0.2.5 198.51.100.1 40000 25\r\n"
+    async with RawClient(gate.host, gate.port) as c:
+        assert (await c.cmd(header.rstrip())).startswith("500 5.5.2")
+        await c.ehlo()
+        await c.cmd("MAIL FROM:<a@acme.example>")
+        assert (await c.cmd("RCPT TO:<b@example.org>")).startswith("554 5.7.1")
+
+
+async def test_ipv6_listener(make_gate: MakeGate, upstream: RecordingUpstream):
+    from tests.gate.conftest import free_port
+
+    port = free_port()
+    gate = await make_gate(
+        BASE_CONFIG.replace(
+            'listen = ["127.0.0.1:{gate_port}"]',
+            f'listen = ["[::1]:{port}", "127.0.0.1:{{gate_port}}"]',
+        ).replace('networks = ["127.0.0.0/8"]', 'networks = ["127.0.0.0/8", "::1/128"]')
+    )
+    async with RawClient("::1", port) as c:
+        await c.ehlo()
+        await c.cmd("MAIL FROM:<a@acme.example>")
+        await c.cmd("RCPT TO:<b@example.org>")
+        assert (await c.data(b"Subject: v6\r\n\r\nhi\r\n")).startswith("250")
+    assert gate.decisions()[-1]["client"] == "::1"

@@ -28,9 +28,7 @@ async def test_message_reaches_upstream_intact(make_gate: MakeGate, upstream: Re
     gate = await make_gate()
     client = aiosmtplib.SMTP(hostname=gate.host, port=gate.port, start_tls=False)
     await client.connect()
-    errors, reply = await client.sendmail(
-        "alice@acme.example", ["bob@example.org"], MESSAGE
-    )
+    errors, reply = await client.sendmail("alice@acme.example", ["bob@example.org"], MESSAGE)
     await client.quit()
     assert errors == {}
     assert reply.startswith("2.0.0 Ok: queued as Q1")  # the upstream's own reply
@@ -38,7 +36,7 @@ async def test_message_reaches_upstream_intact(make_gate: MakeGate, upstream: Re
     got = upstream.messages[0]
     assert got.mail_from == "alice@acme.example"
     assert got.rcpts == ["bob@example.org"]
-    received, _, rest = got.data.partition(b"\r\n\t")
+    received, _, _rest = got.data.partition(b"\r\n\t")
     assert received.startswith(b"Received: from ")
     # Exactly one header was prepended; everything after it is the client's bytes.
     header_end = got.data.index(b"From: Alice")
@@ -133,10 +131,14 @@ async def test_pooled_connection_reused_with_rset(make_gate: MakeGate, upstream:
                 await c.cmd("RCPT TO:<c@example.org>")
             assert (await c.data(b"Subject: x\r\n\r\nbody\r\n")).startswith("250")
     assert [m.mail_from for m in upstream.messages] == [
-        "a0@acme.example", "again1@acme.example", "a2@acme.example"
+        "a0@acme.example",
+        "again1@acme.example",
+        "a2@acme.example",
     ]
     assert [m.rcpts for m in upstream.messages] == [
-        ["b@example.org"], ["c@example.org"], ["b@example.org"]
+        ["b@example.org"],
+        ["c@example.org"],
+        ["b@example.org"],
     ]
     assert upstream.connections == 1  # one upstream connection, reset with RSET for reuse
 

@@ -74,16 +74,26 @@ async def wait_for_banner(port: int, proc: asyncio.subprocess.Process, path: Pat
 async def gate_process(tmp_path: Path, upstream: RecordingUpstream) -> AsyncIterator[GateProcess]:
     port = free_port()
     fmt: dict[str, object] = {
-        "port": port, "state": tmp_path / "state", "upstream_port": upstream.port,
-        "log": tmp_path / "decisions.jsonl", "network": "127.0.0.0/8",
+        "port": port,
+        "state": tmp_path / "state",
+        "upstream_port": upstream.port,
+        "log": tmp_path / "decisions.jsonl",
+        "network": "127.0.0.0/8",
     }
     config_path = tmp_path / "mailguard.toml"
     config_path.write_text(CONFIG.format(**fmt))
     stderr_path = tmp_path / "stderr.log"
     with stderr_path.open("wb") as err:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mailguard", "serve", "--config", str(config_path),
-            stderr=err, stdout=asyncio.subprocess.DEVNULL, cwd=ROOT,
+            sys.executable,
+            "-m",
+            "mailguard",
+            "serve",
+            "--config",
+            str(config_path),
+            stderr=err,
+            stdout=asyncio.subprocess.DEVNULL,
+            cwd=ROOT,
             env={**os.environ, "MAILGUARD_STATE_DIR": str(tmp_path / "state")},
         )
     gp = GateProcess(proc, port, config_path, tmp_path / "decisions.jsonl", stderr_path, fmt)
@@ -156,16 +166,23 @@ def test_check_config_cli(tmp_path: Path) -> None:
 
     ok = subprocess.run(
         [sys.executable, "-m", "mailguard", "check-config", str(ROOT / "config/mailguard.toml")],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert ok.returncode == 0, ok.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text('[[customer]]\nid = "a"\nnetworks = ["10.0.0.300/24"]\n[server]\nport = 1\n')
     res = subprocess.run(
         [sys.executable, "-m", "mailguard", "check-config", str(bad)],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert res.returncode == 2
-    assert f'config error: {bad}: customer[0].networks[0]: "10.0.0.300/24" is not an IP network' in res.stderr
+    assert (
+        f'config error: {bad}: customer[0].networks[0]: "10.0.0.300/24" is not an IP network'
+        in res.stderr
+    )
     assert "server.port" in res.stderr
     assert "Traceback" not in res.stderr
