@@ -45,6 +45,7 @@ _DEFAULT_ENHANCED = {
     "530": "5.7.0", "535": "5.7.8", "538": "5.7.11", "550": "5.0.0", "552": "5.3.4",
     "553": "5.1.3", "554": "5.0.0", "555": "5.5.4",
 }  # fmt: skip
+_PROTOCOL_ERRORS = frozenset({"500", "501", "502", "503", "504", "555"})
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 
 
@@ -79,8 +80,9 @@ class _StrictReader:
 class _Hooks:
     """aiosmtpd handler hooks that must reach the session (aiosmtpd passes it as ``server``)."""
 
-    async def handle_PROXY(self, server: GateSession, session: Any, envelope: Any,
-                           proxy_data: Any) -> bool:
+    async def handle_PROXY(
+        self, server: GateSession, session: Any, envelope: Any, proxy_data: Any
+    ) -> bool:
         return server.proxied(proxy_data)
 
 
@@ -140,6 +142,7 @@ class GateSession(SMTP):
         self.tx: Transaction | None = None
         self.transactions = 0
         self.auth_failures = 0
+        self.errors = 0  # protocol errors, as Postfix's smtpd_hard_error_limit counts them
         self._pending_auth: LoginPassword | None = None
         self._counted = False
         self._busy = False  # inside a transaction's DATA or upstream exchange
@@ -204,6 +207,13 @@ class GateSession(SMTP):
         await super().push("\r\n".join(lines))
         if text[:3] in ("421", "521") and self.transport is not None:
             self.transport.close()
+        elif text[:3] in _PROTOCOL_ERRORS:
+            self.errors += 1
+            if self.errors >= self.config.server.max_bad_commands:
+                log.warning(
+                    "client=%s closed after %d protocol errors", self.client_ip, self.errors
+                )
+                self.hang_up("421 4.7.0 Too many errors, closing connection")
 
     async def handle_exception(self, error: Exception) -> str:
         if isinstance(error, BareNewline):

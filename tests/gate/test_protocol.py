@@ -294,3 +294,18 @@ async def test_ipv6_listener(make_gate: MakeGate, upstream: RecordingUpstream):
         await c.cmd("RCPT TO:<b@example.org>")
         assert (await c.data(b"Subject: v6\r\n\r\nhi\r\n")).startswith("250")
     assert gate.decisions()[-1]["client"] == "::1"
+
+
+async def test_too_many_errors_closes(make_gate: MakeGate):
+    gate = await make_gate(
+        BASE_CONFIG.replace(
+            'hostname = "gate.test"', 'hostname = "gate.test"\nmax_bad_commands = 3'
+        )
+    )
+    async with RawClient(gate.host, gate.port) as c:
+        await c.ehlo()
+        assert (await c.cmd("RCPT TO:<a@b.example>")).startswith("503")
+        assert (await c.cmd("MAIL FROM:<bad address>")).startswith("501")
+        assert (await c.cmd("DATA")).startswith("503 5.5.1")
+        assert (await c.reply()).startswith("421 4.7.0 Too many errors")
+        assert await c.closed()
