@@ -178,17 +178,28 @@ async def test_concurrent_clients_exactly_once(make_gate: MakeGate, upstream: Re
     assert all(line["decision"] == "accept" for line in gate.decisions())
 
 
-@pytest.mark.parametrize("body", [b"", b"x" * 3000 + b"\r\n"])
-async def test_edge_bodies(make_gate: MakeGate, upstream: RecordingUpstream, body: bytes):
-    gate = await make_gate(extra="")
+@pytest.mark.parametrize(
+    ("body", "accepted"),
+    [
+        (b"", True),
+        (b"x" * 998 + b"\r\n", True),  # 1000 octets with CRLF: the RFC 5321 maximum
+        (b"Subject: a\r\n\r\n" + b"x" * 999 + b"\r\nshort\r\n", False),
+        (b"x" * 3000 + b"\r\n", False),
+    ],
+)
+async def test_line_length_edges(
+    make_gate: MakeGate, upstream: RecordingUpstream, body: bytes, accepted: bool
+):
+    gate = await make_gate()
     async with RawClient(gate.host, gate.port) as c:
         await c.ehlo()
         await c.cmd("MAIL FROM:<a@acme.example>")
         await c.cmd("RCPT TO:<b@example.org>")
         reply = await c.data(body)
-    if body:
-        assert reply.startswith("554 5.6.0"), reply  # line longer than 1000 octets
-        assert upstream.messages == []
-    else:
+    if accepted:
         assert reply.startswith("250"), reply
-        assert upstream.messages[0].data.endswith(b"\r\n")
+        assert upstream.messages[0].data.endswith(body)
+    else:
+        assert reply.startswith("554 5.6.0"), reply
+        assert upstream.messages == []
+        assert gate.decisions()[-1]["rule"] == "max_line_length"
