@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import ssl
 import time
@@ -33,8 +34,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mailguard.gate")
 
-# Verifying against a real hash for unknown users keeps response time from revealing them.
-_DUMMY_HASH = PasswordHasher().hash("mailguard-dummy-password")
+
+@functools.cache
+def _dummy_hash() -> str:
+    """A real hash to verify unknown users against, so response time does not reveal them.
+
+    Made on first use: hashing allocates argon2's 64 MiB once, which every gate would otherwise
+    carry in its peak RSS even with AUTH unused.
+    """
+    return PasswordHasher().hash("mailguard-dummy-password")
 
 
 class GateRuntime:
@@ -154,7 +162,7 @@ class GateRuntime:
     async def verify_user(self, name: str, password: bytes) -> Customer | None:
         """The customer whose user ``name`` has ``password``, checked in a worker thread."""
         entry = self.directory.user(name)
-        stored = entry[1].password_hash if entry else _DUMMY_HASH
+        stored = entry[1].password_hash if entry else _dummy_hash()
         ok = await asyncio.get_running_loop().run_in_executor(None, self._verify, stored, password)
         return entry[0] if ok and entry else None
 

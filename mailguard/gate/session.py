@@ -45,6 +45,8 @@ _DEFAULT_ENHANCED = {
     "530": "5.7.0", "535": "5.7.8", "538": "5.7.11", "550": "5.0.0", "552": "5.3.4",
     "553": "5.1.3", "554": "5.0.0", "555": "5.5.4",
 }  # fmt: skip
+# Replies after which the client may legitimately wait before sending more: never held back.
+_NEVER_HELD = frozenset({"221", "235", "334", "354", "421", "521"})
 _PROTOCOL_ERRORS = frozenset({"500", "501", "502", "503", "504", "555"})
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 
@@ -142,6 +144,7 @@ class GateSession(SMTP):
         self.tx: Transaction | None = None
         self.transactions = 0
         self.auth_failures = 0
+        self._held: list[bytes] = []  # replies held back while pipelined commands wait
         self.errors = 0  # protocol errors, as Postfix's smtpd_hard_error_limit counts them
         self._pending_auth: LoginPassword | None = None
         self._counted = False
@@ -194,20 +197,34 @@ class GateSession(SMTP):
         super()._cb_client_connected(reader, writer)
         self._reader = _StrictReader(reader)  # type: ignore[assignment]
 
-    async def push(self, status: str | bytes) -> None:
-        """Send a reply, adding an enhanced status code where aiosmtpd's replies lack one;
-        close the connection after a 421 or 521."""
+    async def push(self, status: str | bytes, *, raw: bool = False) -> None:
+        """Send a reply, adding an enhanced status code where aiosmtpd's replies lack one
+        (unless ``raw``); close the connection after a 421 or 521.
+
+        While the client has more complete command lines waiting (PIPELINING), replies are
+        held and sent together with the reply to the last of them (RFC 2920 3.2): one write
+        instead of one per command.
+        """
         text = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
-        lines = text.split("\r\n")
-        for i, line in enumerate(lines):
-            code = line[:3]
-            if code in _DEFAULT_ENHANCED and not _HAS_ENHANCED.match(line) and len(line) >= 3:
-                sep = line[3:4] or " "
-                lines[i] = f"{code}{sep}{_DEFAULT_ENHANCED[code]} {line[4:]}".rstrip()
-        await super().push("\r\n".join(lines))
-        if text[:3] in ("421", "521") and self.transport is not None:
+        if not raw:
+            lines = text.split("\r\n")
+            for i, line in enumerate(lines):
+                code = line[:3]
+                if code in _DEFAULT_ENHANCED and not _HAS_ENHANCED.match(line) and len(line) >= 3:
+                    sep = line[3:4] or " "
+                    lines[i] = f"{code}{sep}{_DEFAULT_ENHANCED[code]} {line[4:]}".rstrip()
+            text = "\r\n".join(lines)
+        code = text[:3]
+        self._held.append(text.encode("utf-8", "surrogateescape") + b"\r\n")
+        if code not in _NEVER_HELD and b"\n" in self._reader._buffer:  # type: ignore[attr-defined]
+            return
+        out = b"".join(self._held)
+        self._held.clear()
+        self._writer.write(out)
+        await self._writer.drain()
+        if code in ("421", "521") and self.transport is not None:
             self.transport.close()
-        elif text[:3] in _PROTOCOL_ERRORS:
+        elif code in _PROTOCOL_ERRORS:
             self.errors += 1
             if self.errors >= self.config.server.max_bad_commands:
                 log.warning(
@@ -248,8 +265,8 @@ class GateSession(SMTP):
             lines.append("STARTTLS")
         if self._auth_allowed():
             lines.append("AUTH PLAIN LOGIN")
-        # EHLO keywords must not get enhanced codes, so this bypasses push()'s normalising.
-        await SMTP.push(self, UpstreamReply(250, tuple(lines)).render())
+        # EHLO keywords must not get enhanced codes.
+        await self.push(UpstreamReply(250, tuple(lines)).render(), raw=True)
 
     async def smtp_HELO(self, hostname: str) -> None:
         self._abort_transaction("HELO")
@@ -384,25 +401,80 @@ class GateSession(SMTP):
         return reply
 
     async def smtp_RCPT(self, arg: str | None) -> None:
+        """One RCPT, plus the RCPTs the client pipelined right behind it: their upstream
+        RCPTs go out in one write and their replies come back in one (RFC 2920)."""
         if await self.check_helo_needed():
             return
         tx = self.tx
         if tx is None:
             await self.push("503 5.5.1 Error: need MAIL command")
             return
-        if not arg or arg[:3].upper() != "TO:":
-            await self.push("501 5.5.4 Syntax: RCPT TO:<address>")
-            return
-        try:
-            rcpt = parse_envelope_arg(arg[3:], null_allowed=False)
-        except AddressError as exc:
-            await self.push(exc.reply)
-            return
-        reply = await self._rcpt_reply(tx, rcpt)
-        tx.rcpts.append({"rcpt": rcpt.address, "reply": reply[:3]})
-        await self.push(reply)
+        args: list[str | None] = [arg]
+        if tx.upstream is not None and tx.upstream.pipelining:
+            args += self._take_pipelined_rcpts()
+        replies: list[str | None] = []
+        relay: list[tuple[int, str]] = []  # (index in args, address) to ask the upstream
+        logged: list[tuple[int, dict[str, Any]]] = []  # decision-log entries to complete
+        for i, one in enumerate(args):
+            if not one or one[:3].upper() != "TO:":
+                replies.append("501 5.5.4 Syntax: RCPT TO:<address>")
+                continue
+            try:
+                rcpt = parse_envelope_arg(one[3:], null_allowed=False)
+            except AddressError as exc:
+                replies.append(exc.reply)
+                continue
+            pending = tuple(addr for _, addr in relay)
+            refusal = await self._rcpt_refusal(tx, rcpt, pending)
+            entry: dict[str, Any] = {"rcpt": rcpt.address, "reply": ""}
+            tx.rcpts.append(entry)
+            logged.append((i, entry))
+            replies.append(refusal)
+            if refusal is None:
+                relay.append((i, rcpt.address))
+        if relay:
+            await self._relay_rcpts(tx, relay, replies)
+        for i, entry in logged:
+            entry["reply"] = str(replies[i])[:3]
+        for reply in replies:
+            assert reply is not None
+            await self.push(reply)
 
-    async def _rcpt_reply(self, tx: Transaction, rcpt: EnvelopeArg) -> str:
+    def _take_pipelined_rcpts(self) -> list[str | None]:
+        """Remove the complete ``RCPT`` lines waiting right after this one in the input buffer
+        and return their arguments, as aiosmtpd would have passed them.  Stops at the first
+        line that is anything else, or that the command loop would refuse (bare CR or LF, NUL,
+        too long), and leaves it for the command loop."""
+        reader = self._reader
+        buf: bytearray = reader._buffer  # type: ignore[attr-defined]
+        limit = self.config.server.max_command_length
+        taken: list[str | None] = []
+        pos = 0
+        while len(taken) < 1000:
+            end = buf.find(b"\n", pos)
+            if end < 0:
+                break
+            line = bytes(buf[pos : end + 1])
+            if (
+                line[:5].upper() != b"RCPT "
+                or not line.endswith(b"\r\n")
+                or line.count(b"\r") != 1
+                or b"\0" in line
+                or len(line) - 2 > limit
+            ):
+                break
+            taken.append(line[5:-2].strip().decode("utf-8", "surrogateescape") or None)
+            pos = end + 1
+        if pos:
+            del buf[:pos]
+            reader._maybe_resume_transport()  # type: ignore[attr-defined]
+        return taken
+
+    async def _rcpt_refusal(
+        self, tx: Transaction, rcpt: EnvelopeArg, pending: tuple[str, ...]
+    ) -> str | None:
+        """The reply refusing ``rcpt`` before the upstream is asked, or None to relay it.
+        ``pending`` are recipients of this batch already on their way to the upstream."""
         if self.customer is None:
             return f"554 5.7.1 <{rcpt.address}>: Relay access denied"
         if rcpt.params:
@@ -414,35 +486,45 @@ class GateSession(SMTP):
             )
         if not rcpt.ascii and "SMTPUTF8" not in tx.mail_from.params:
             return "553 5.6.7 Recipient address has non-ASCII characters but SMTPUTF8 was not given"
-        if len(tx.accepted) >= self.config.server.max_recipients:
+        if len(tx.accepted) + len(pending) >= self.config.server.max_recipients:
             return f"452 4.5.3 Too many recipients (at most {self.config.server.max_recipients})"
         if tx.upstream_failure is not None:
             return tx.upstream_failure
         runtime = self.runtime
         if runtime.policy.active:
-            decision = await runtime.evaluate_rcpt(
-                RcptFacts(
-                    self._facts(),
-                    tx.mail_from.address,
-                    rcpt.address,
-                    tuple(tx.accepted),
-                    time.time(),
-                ),
-                tx,
+            facts = RcptFacts(
+                self._facts(),
+                tx.mail_from.address,
+                rcpt.address,
+                (*tx.accepted, *pending),
+                time.time(),
             )
+            decision = await runtime.evaluate_rcpt(facts, tx)
             if decision.refused:
                 return decision.verdict.reply()  # type: ignore[union-attr]
+        return None
+
+    async def _relay_rcpts(
+        self, tx: Transaction, relay: list[tuple[int, str]], replies: list[str | None]
+    ) -> None:
+        """Ask the upstream about ``relay`` (pipelined when it can) and fill in ``replies``."""
         assert tx.upstream is not None
         start = time.perf_counter()
         try:
-            reply = await tx.upstream.command(f"RCPT TO:<{rcpt.address}>".encode())
+            answers = await tx.upstream.commands(
+                [f"RCPT TO:<{address}>".encode() for _, address in relay]
+            )
         except UpstreamError as exc:
-            return self._upstream_failed(tx, exc).render()
+            failure = self._upstream_failed(tx, exc).render()
+            answers = []
+            for i, _ in relay:
+                replies[i] = failure
         finally:
             tx.upstream_ms += (time.perf_counter() - start) * 1000
-        if reply.positive:
-            tx.accepted.append(rcpt.address)
-        return reply.render()
+        for (i, address), answer in zip(relay, answers, strict=False):
+            replies[i] = answer.render()
+            if answer.positive:
+                tx.accepted.append(address)
 
     def _facts(self) -> SessionFacts:
         host = self.session.host_name if self.session is not None else None
@@ -674,7 +756,8 @@ class GateSession(SMTP):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        cast(asyncio.WriteTransport, transport).write(reply.encode() + b"\r\n")
+        held, self._held = b"".join(self._held), []
+        cast(asyncio.WriteTransport, transport).write(held + reply.encode() + b"\r\n")
         transport.close()
 
     @property

@@ -203,3 +203,43 @@ async def test_line_length_edges(
         assert reply.startswith("554 5.6.0"), reply
         assert upstream.messages == []
         assert gate.decisions()[-1]["rule"] == "max_line_length"
+
+
+async def test_pipelined_recipients_batch(make_gate: MakeGate, upstream: RecordingUpstream):
+    gate = await make_gate()
+    async with RawClient(gate.host, gate.port) as c:
+        await c.ehlo()
+        c.writer.write(
+            b"MAIL FROM:<a@acme.example>\r\n"
+            b"RCPT TO:<r1@example.org>\r\n"
+            b"RCPT TO:<refuse2@example.org>\r\n"
+            b"RCPT TO:<not an address>\r\n"
+            b"RCPT TO:<r4%x@example.org>\r\n"
+            b"rcpt to:<r5@example.org>\r\n"
+            b"NOOP\r\n"
+            b"RCPT TO:<r6@example.org>\r\n"
+            b"DATA\r\n"
+        )
+        replies = [await c.reply() for _ in range(9)]
+        assert [r[:3] for r in replies] == [
+            "250",
+            "250",
+            "550",
+            "501",
+            "553",
+            "250",
+            "250",
+            "250",
+            "354",
+        ], replies
+        c.writer.write(b"Subject: batch\r\n\r\nhi\r\n.\r\n")
+        assert (await c.reply()).startswith("250")
+    assert upstream.messages[0].rcpts == ["r1@example.org", "r5@example.org", "r6@example.org"]
+    line = gate.decisions()[-1]
+    assert [(r["rcpt"], r["reply"]) for r in line["rcpts"]] == [
+        ("r1@example.org", "250"),
+        ("refuse2@example.org", "550"),
+        ("r4%x@example.org", "553"),
+        ("r5@example.org", "250"),
+        ("r6@example.org", "250"),
+    ]
