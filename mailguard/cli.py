@@ -31,6 +31,15 @@ def _check_config(args: argparse.Namespace) -> int:
             print(line, file=sys.stderr)
         print(f"{len(exc.errors)} error(s) in {args.file}", file=sys.stderr)
         return 2
+    import ssl
+
+    from mailguard.gate.runtime import tls_context_of
+
+    try:
+        tls_context_of(config)
+    except (OSError, ssl.SSLError) as exc:
+        print(f"config error: {args.file}: server.tls_certificate/tls_key: {exc}", file=sys.stderr)
+        return 2
     print(f"{args.file}: OK ({len(config.customers)} customer(s))")
     return 0
 

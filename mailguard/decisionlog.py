@@ -35,7 +35,7 @@ class DecisionLog:
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(
             {"ts": datetime.now(UTC).isoformat(timespec="milliseconds"), **record},
-            ensure_ascii=False,
+            ensure_ascii=True,  # client-supplied text may hold lone surrogates
             separators=(",", ":"),
             default=str,
         )
@@ -43,6 +43,7 @@ class DecisionLog:
             with self._lock:
                 self._stream.write(line + "\n")
                 self._stream.flush()
+            self._failed = False
         except (OSError, ValueError) as exc:
             if not self._failed:
                 self._failed = True

@@ -23,7 +23,7 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return json.dumps(entry)  # ASCII-escaped: client text may hold lone surrogates
 
 
 def setup_logging(level: str) -> None:

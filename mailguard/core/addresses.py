@@ -9,6 +9,7 @@ Must never: do I/O or decide whether a client may relay (that is the door's iden
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ _LDH_END = r"[A-Za-z0-9\u0080-\U0010ffff]"
 _LABEL = rf"{_LDH_END}(?:[A-Za-z0-9\-\u0080-\U0010ffff]{{0,61}}{_LDH_END})?"
 _DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
 _LITERAL = r"\[(?:[0-9.]{7,15}|IPv6:[0-9A-Fa-f:.]{2,45})\]"
-_MAILBOX = re.compile(rf"^(?P<local>{_DOT_STRING}|{_QUOTED})@(?P<domain>{_DOMAIN}|{_LITERAL})$")
+_MAILBOX = re.compile(rf"(?P<local>{_DOT_STRING}|{_QUOTED})@(?P<domain>{_DOMAIN}|{_LITERAL})")
 _SOURCE_ROUTE = re.compile(r"^@[^:]+:")
 _PARAM = re.compile(r"^(?P<key>[A-Za-z0-9][A-Za-z0-9\-]*)(?:=(?P<value>[\x21-\x3c\x3e-\x7e]+))?$")
 
@@ -65,6 +66,11 @@ def parse_envelope_arg(arg: str, *, null_allowed: bool) -> EnvelopeArg:
     angle brackets are accepted, as Postfix does by default, when they contain no spaces.
     """
     text = arg.strip()
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # surrogate-escaped bytes that were not UTF-8
+            raise AddressError("553 5.6.7 Address is not valid UTF-8") from None
     if text.startswith("<"):
         end = _closing_bracket(text)
         if end < 0:
@@ -85,8 +91,8 @@ def parse_envelope_arg(arg: str, *, null_allowed: bool) -> EnvelopeArg:
         if not null_allowed:
             raise AddressError("501 5.1.3 Null recipient address is not allowed")
         return EnvelopeArg("", params, routed)
-    match = _MAILBOX.match(path)
-    if match is None:
+    match = _MAILBOX.fullmatch(path)
+    if match is None or not _literal_ok(match.group("domain")):
         raise AddressError(f"501 5.1.3 Bad address syntax: <{_printable(path)}>")
     local = match.group("local")
     if len(local) > MAX_LOCAL_PART:
@@ -97,6 +103,21 @@ def parse_envelope_arg(arg: str, *, null_allowed: bool) -> EnvelopeArg:
     else:
         routed = routed or "%" in local or "!" in local
     return EnvelopeArg(path, params, routed)
+
+
+def _literal_ok(domain: str) -> bool:
+    """An address literal must hold a real IPv4 or IPv6 address (RFC 5321 4.1.3)."""
+    if not domain.startswith("["):
+        return True
+    inner = domain[1:-1]
+    try:
+        if inner.startswith("IPv6:"):
+            ipaddress.IPv6Address(inner[5:])
+        else:
+            ipaddress.IPv4Address(inner)
+    except ValueError:
+        return False
+    return True
 
 
 def _closing_bracket(text: str) -> int:

@@ -59,17 +59,27 @@ class GateRuntime:
         self.apply(config)
 
     def apply(self, config: Config) -> None:
-        """Switch to ``config`` for new connections (listeners and store are not rebuilt)."""
-        self.config = config
-        self.directory = CustomerDirectory(config.customers)
-        self.policy = Policy(config.policy)
-        self.tls_context = _tls_context(config)
+        """Switch to ``config`` for new connections (listeners and store are not rebuilt).
+
+        Everything that can fail (the TLS certificate) is built before anything is switched,
+        so a failure leaves the running config whole.  Raises OSError / ssl.SSLError.
+        """
+        tls_context = tls_context_of(config)
+        directory = CustomerDirectory(config.customers)
+        policy = Policy(config.policy)
         helo = config.upstream.helo_name or config.server.hostname
         old = getattr(self, "pool", None)
+        pool = old
         if old is None or old.config != config.upstream or old.helo != helo:
-            self.pool = UpstreamPool(config.upstream, helo)
+            pool = UpstreamPool(config.upstream, helo)
+        self.config, self.directory, self.policy = config, directory, policy
+        self.tls_context = tls_context
+        if pool is not old:
+            assert pool is not None
+            self.pool = pool
             if old is not None:
-                asyncio.get_running_loop().create_task(old.close())
+                # Connections in use return to ``old`` (their own pool), which closes them.
+                self._closing_pool = asyncio.get_running_loop().create_task(old.close())
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -85,7 +95,9 @@ class GateRuntime:
             return "421 4.7.0 PROXY protocol is only accepted from configured load balancers"
         if len(self.sessions) >= server.max_connections:
             return "421 4.7.0 Too many connections, please try again later"
-        if self.per_client[ip] >= server.max_connections_per_client:
+        # Behind a load balancer the per-client limit applies to the address in the PROXY
+        # header (``readdress``), not to the balancer.
+        if not server.proxy_protocol and self.per_client[ip] >= server.max_connections_per_client:
             return "421 4.7.0 Too many connections from your address, please try again later"
         self.sessions.add(session)
         self.per_client[ip] += 1
@@ -181,7 +193,13 @@ class GateRuntime:
         about 100x more on ordinary 50 KB messages (measured).
         """
         limit = self.config.server.max_line_length
-        return bool(limit) and max(map(len, body.split(b"\r\n"))) + 2 > limit
+        if not limit:
+            return False
+        lines = body.split(b"\r\n")
+        if max(map(len, lines)) + 2 <= limit:
+            return False
+        # Lines starting with "." carry a stuffing dot that is not part of the message.
+        return any(len(x) - x.startswith(b".") + 2 > limit for x in lines if len(x) + 2 > limit)
 
     def rfc2822_now(self) -> str:
         """The current date for Received headers, formatted once per second."""
@@ -200,7 +218,8 @@ def _in_network(ip: str, net: object) -> bool:
         return False
 
 
-def _tls_context(config: Config) -> ssl.SSLContext | None:
+def tls_context_of(config: Config) -> ssl.SSLContext | None:
+    """The server TLS context for ``config``; OSError / ssl.SSLError if the files are bad."""
     server = config.server
     if server.tls_certificate is None or server.tls_key is None:
         return None

@@ -14,6 +14,8 @@ import logging
 import os
 import signal
 import socket
+import ssl
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from mailguard.decisionlog import DecisionLog
 from mailguard.gate.runtime import GateRuntime
 from mailguard.gate.session import GateSession
 from mailguard.logsetup import setup_logging
-from mailguard.store.base import Store
+from mailguard.store.base import Store, StoreError
 from mailguard.store.factory import open_store
 
 log = logging.getLogger("mailguard.gate")
@@ -83,9 +85,13 @@ class Gate:
                 log.error("reload refused, keeping the running config: %s", line)
             return False
         old = self.runtime.config
+        try:
+            self.runtime.apply(config)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("reload refused, keeping the running config: TLS certificate: %s", exc)
+            return False
         if config.server.listen != old.server.listen or config.store != old.store:
             log.warning("reload: [server] listen and [store] changes take effect on restart")
-        self.runtime.apply(config)
         log.info("configuration reloaded from %s", path)
         return True
 
@@ -140,8 +146,13 @@ def run(path: Path) -> int:
         config = load_config(path)
     except ConfigError as exc:
         for line in exc.errors:
-            print(line, file=__import__("sys").stderr)
+            print(line, file=sys.stderr)
         return 2
     setup_logging(config.log.level)
-    uvloop.run(serve(path, config))
+    try:
+        uvloop.run(serve(path, config))
+    except (OSError, ssl.SSLError, StoreError) as exc:
+        # Bind failures, unreadable certificates or decision log, a store that cannot start.
+        print(f"mailguard: cannot start: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -19,6 +19,7 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -27,6 +28,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 from mailguard.config.schema import Customer
 from mailguard.core.addresses import AddressError, EnvelopeArg, parse_envelope_arg
 from mailguard.core.policy import Decision, MessageFacts, RcptFacts, SessionFacts
+from mailguard.core.verdict import Accept, Verdict
 from mailguard.gate.upstream import UpstreamConnection, UpstreamError, UpstreamReply
 
 if TYPE_CHECKING:
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mailguard.gate")
 
 _READ_CHUNK = 1 << 16
+_MAX_LOGGED_RCPTS = 2000
 _END_OF_DATA = b"\r\n.\r\n"
 
 # Enhanced status codes (RFC 3463) for replies aiosmtpd builds without one.
@@ -46,13 +49,19 @@ _DEFAULT_ENHANCED = {
     "553": "5.1.3", "554": "5.0.0", "555": "5.5.4",
 }  # fmt: skip
 # Replies after which the client may legitimately wait before sending more: never held back.
-_NEVER_HELD = frozenset({"221", "235", "334", "354", "421", "521"})
+_NEVER_HELD = frozenset({"220", "221", "235", "334", "354", "421", "521"})
+# Local refusals that probing for a relay produces; counted with protocol errors (M6).
+_PROBE_REFUSALS = ("554 5.7.1", "553 5.7.1")
 _PROTOCOL_ERRORS = frozenset({"500", "501", "502", "503", "504", "555"})
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 
 
 class BareNewline(Exception):
     """A command line ended with a bare LF or held a bare CR or NUL."""
+
+
+class LineTooLong(Exception):
+    """An AUTH response line longer than the reader's buffer limit."""
 
 
 class _StrictReader:
@@ -70,7 +79,13 @@ class _StrictReader:
         return line
 
     async def readline(self) -> bytes:
-        return await self.readuntil(b"\n")
+        """Like StreamReader.readline (used by aiosmtpd's AUTH challenges), strictly."""
+        try:
+            return await self.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            return exc.partial
+        except asyncio.LimitOverrunError:
+            raise LineTooLong() from None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -106,6 +121,7 @@ class Transaction:
     upstream_failure: str | None = None  # set once the upstream failed: every later reply
     accepted: list[str] = field(default_factory=list)
     rcpts: list[dict[str, Any]] = field(default_factory=list)
+    rcpts_unlogged: int = 0  # RCPTs past _MAX_LOGGED_RCPTS, counted only
     policy_ms: float = 0.0
     upstream_ms: float = 0.0
 
@@ -147,6 +163,7 @@ class GateSession(SMTP):
         self._held: list[bytes] = []  # replies held back while pipelined commands wait
         self.errors = 0  # protocol errors, as Postfix's smtpd_hard_error_limit counts them
         self._pending_auth: LoginPassword | None = None
+        self._upstream_waits = 0
         self._counted = False
         self._busy = False  # inside a transaction's DATA or upstream exchange
         self.closing = False  # draining: close after the current transaction
@@ -216,6 +233,12 @@ class GateSession(SMTP):
             text = "\r\n".join(lines)
         code = text[:3]
         self._held.append(text.encode("utf-8", "surrogateescape") + b"\r\n")
+        if code in _PROTOCOL_ERRORS or text.startswith(_PROBE_REFUSALS):
+            self.errors += 1
+            if self.errors >= self.config.server.max_bad_commands:
+                log.warning("client=%s closed after %d errors", self.client_ip, self.errors)
+                self.hang_up("421 4.7.0 Too many errors, closing connection")
+                return
         if code not in _NEVER_HELD and b"\n" in self._reader._buffer:  # type: ignore[attr-defined]
             return
         out = b"".join(self._held)
@@ -224,15 +247,13 @@ class GateSession(SMTP):
         await self._writer.drain()
         if code in ("421", "521") and self.transport is not None:
             self.transport.close()
-        elif code in _PROTOCOL_ERRORS:
-            self.errors += 1
-            if self.errors >= self.config.server.max_bad_commands:
-                log.warning(
-                    "client=%s closed after %d protocol errors", self.client_ip, self.errors
-                )
-                self.hang_up("421 4.7.0 Too many errors, closing connection")
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, LineTooLong):
+            return "500 5.5.2 Error: line too long"
+        if type(error).__name__ == "TLSSetupException":
+            log.info("client=%s TLS handshake failed: %r", self.client_ip, error.__cause__)
+            return "454 4.7.0 TLS handshake failed"
         if isinstance(error, BareNewline):
             return (
                 "521 5.5.2 Error: bare <CR>, <LF> or <NUL> in a command line; "
@@ -284,6 +305,27 @@ class GateSession(SMTP):
 
     async def smtp_VRFY(self, arg: str) -> None:
         await self.push("252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery")
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._tls_protocol is not None:
+            await self.push("503 5.5.1 Error: TLS already active")
+            return
+        if self.tx is not None:
+            await self.push("503 5.5.1 Error: STARTTLS not allowed during a mail transaction")
+            return
+        if b"\n" in self._reader._buffer:  # type: ignore[attr-defined]
+            # Commands pipelined after STARTTLS would be injected into the TLS session.
+            await self.push("554 5.5.1 Error: commands pipelined after STARTTLS")
+            self.hang_up("421 4.7.0 Closing connection")
+            return
+        await super().smtp_STARTTLS(arg)
+        # RFC 3207 4.2: forget everything learnt before TLS.
+        self.auth_user = None
+        self.customer = self.runtime.directory.by_address(self.client_ip)
+        if self.session is not None:
+            self.session.authenticated = None
+            self.session.host_name = None
+            self.session.extended_smtp = False
 
     async def smtp_QUIT(self, arg: str) -> None:
         self._abort_transaction("QUIT")
@@ -361,18 +403,56 @@ class GateSession(SMTP):
             conn: UpstreamConnection | None = None
             reused = False
             try:
-                conn, reused = await pool.acquire()
-                reply = await conn.start(self._upstream_mail_command(tx.mail_from, conn))
+                async with self._waiting_on_upstream():
+                    conn, reused = await pool.acquire()
+                    unsupported = self._unsupported_by(conn, tx.mail_from)
+                    if unsupported is not None:
+                        conn.release()
+                        return _reply_of(unsupported)
+                    reply = await conn.start(self._upstream_mail_command(tx.mail_from, conn))
             except UpstreamError as exc:
                 if conn is not None:
                     conn.close()
                 if reused and attempt == 1:
                     continue  # a pooled connection went stale; a fresh one is safe to try
                 return self._upstream_failed(tx, exc)
+            except BaseException:
+                if conn is not None:
+                    conn.close()
+                raise
             tx.upstream = conn
             tx.upstream_ms += (time.perf_counter() - start) * 1000
             return reply
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _unsupported_by(conn: UpstreamConnection, sender: EnvelopeArg) -> str | None:
+        """A refusal when the upstream lacks an extension this transaction needs: the gate
+        does not downgrade 8-bit bodies or UTF-8 addresses (RFC 6152, RFC 6531)."""
+        if "SMTPUTF8" in sender.params and "SMTPUTF8" not in conn.extensions:
+            return "553 5.6.7 SMTPUTF8 is not supported by the upstream mail server"
+        if sender.params.get("BODY", "").upper() == "8BITMIME" and "8BITMIME" not in (
+            conn.extensions
+        ):
+            return "554 5.6.3 8-bit message bodies are not supported by the upstream mail server"
+        return None
+
+    @contextlib.asynccontextmanager
+    async def _waiting_on_upstream(self) -> AsyncIterator[None]:
+        """While the upstream is asked, aiosmtpd's client idle timer must not close the
+        connection silently: the upstream's own deadlines end the wait with a 4xx reply."""
+        self._upstream_waits += 1
+        try:
+            yield
+        finally:
+            self._upstream_waits -= 1
+            self._reset_timeout()
+
+    def _timeout_cb(self) -> None:
+        if self._upstream_waits:
+            self._reset_timeout()
+            return
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def _upstream_mail_command(self, sender: EnvelopeArg, conn: UpstreamConnection) -> bytes:
         parts = [f"MAIL FROM:<{sender.address}>"]
@@ -425,9 +505,18 @@ class GateSession(SMTP):
                 replies.append(exc.reply)
                 continue
             pending = tuple(addr for _, addr in relay)
-            refusal = await self._rcpt_refusal(tx, rcpt, pending)
+            refusal, found = await self._rcpt_refusal(tx, rcpt, pending)
             entry: dict[str, Any] = {"rcpt": rcpt.address, "reply": ""}
-            tx.rcpts.append(entry)
+            if found is not None:  # monitor mode: what would have been refused
+                entry["policy"] = {
+                    "found": found.action,
+                    "rule": found.rule,
+                    "numbers": dict(found.numbers),
+                }
+            if len(tx.rcpts) < _MAX_LOGGED_RCPTS:
+                tx.rcpts.append(entry)
+            else:
+                tx.rcpts_unlogged += 1
             logged.append((i, entry))
             replies.append(refusal)
             if refusal is None:
@@ -472,9 +561,32 @@ class GateSession(SMTP):
 
     async def _rcpt_refusal(
         self, tx: Transaction, rcpt: EnvelopeArg, pending: tuple[str, ...]
-    ) -> str | None:
-        """The reply refusing ``rcpt`` before the upstream is asked, or None to relay it.
+    ) -> tuple[str | None, Verdict | None]:
+        """The reply refusing ``rcpt`` before the upstream is asked (None: relay it), and a
+        refusal the policy found but did not apply (monitor mode), for the decision log.
         ``pending`` are recipients of this batch already on their way to the upstream."""
+        local = self._rcpt_local_refusal(tx, rcpt, pending)
+        if local is not None:
+            return local, None
+        runtime = self.runtime
+        if runtime.policy.active:
+            facts = RcptFacts(
+                self._facts(),
+                tx.mail_from.address,
+                rcpt.address,
+                (*tx.accepted, *pending),
+                time.time(),
+            )
+            decision = await runtime.evaluate_rcpt(facts, tx)
+            if decision.refused:
+                return decision.verdict.reply(), None  # type: ignore[union-attr]
+            if not isinstance(decision.found, Accept):
+                return None, decision.found
+        return None, None
+
+    def _rcpt_local_refusal(
+        self, tx: Transaction, rcpt: EnvelopeArg, pending: tuple[str, ...]
+    ) -> str | None:
         if self.customer is None:
             return f"554 5.7.1 <{rcpt.address}>: Relay access denied"
         if rcpt.params:
@@ -488,21 +600,7 @@ class GateSession(SMTP):
             return "553 5.6.7 Recipient address has non-ASCII characters but SMTPUTF8 was not given"
         if len(tx.accepted) + len(pending) >= self.config.server.max_recipients:
             return f"452 4.5.3 Too many recipients (at most {self.config.server.max_recipients})"
-        if tx.upstream_failure is not None:
-            return tx.upstream_failure
-        runtime = self.runtime
-        if runtime.policy.active:
-            facts = RcptFacts(
-                self._facts(),
-                tx.mail_from.address,
-                rcpt.address,
-                (*tx.accepted, *pending),
-                time.time(),
-            )
-            decision = await runtime.evaluate_rcpt(facts, tx)
-            if decision.refused:
-                return decision.verdict.reply()  # type: ignore[union-attr]
-        return None
+        return tx.upstream_failure
 
     async def _relay_rcpts(
         self, tx: Transaction, relay: list[tuple[int, str]], replies: list[str | None]
@@ -511,9 +609,10 @@ class GateSession(SMTP):
         assert tx.upstream is not None
         start = time.perf_counter()
         try:
-            answers = await tx.upstream.commands(
-                [f"RCPT TO:<{address}>".encode() for _, address in relay]
-            )
+            async with self._waiting_on_upstream():
+                answers = await tx.upstream.commands(
+                    [f"RCPT TO:<{address}>".encode() for _, address in relay]
+                )
         except UpstreamError as exc:
             failure = self._upstream_failed(tx, exc).render()
             answers = []
@@ -542,13 +641,14 @@ class GateSession(SMTP):
         if tx is None:
             await self.push("503 5.5.1 Error: need MAIL command")
             return
-        if tx.upstream_failure is not None and not tx.accepted:
-            reply = tx.upstream_failure
+        if tx.upstream_failure is None and not tx.accepted:
+            await self.push("554 5.5.1 Error: no valid recipients")
+            return
+        if tx.upstream_failure is not None or tx.upstream is None:
+            # The upstream failed during this transaction: nothing more can be relayed in it.
+            reply = tx.upstream_failure or str(self.config.policy.upstream_failure_reply)
             self._finish(tx, "defer", reply, rule="upstream")
             await self.push(reply)
-            return
-        if not tx.accepted:
-            await self.push("554 5.5.1 Error: no valid recipients")
             return
         self._busy = True
         try:
@@ -594,7 +694,8 @@ class GateSession(SMTP):
         assert conn is not None
         start = time.perf_counter()
         try:
-            upstream_reply = await conn.data(self._received_header(tx) + body + b".\r\n")
+            async with self._waiting_on_upstream():
+                upstream_reply = await conn.data(self._received_header(tx) + body + b".\r\n")
         except UpstreamError as exc:
             reply = self._upstream_failed(tx, exc).render()
             tx.upstream_ms += (time.perf_counter() - start) * 1000
@@ -704,7 +805,7 @@ class GateSession(SMTP):
         """End the transaction: log its decision line and return the upstream connection."""
         self.tx = None
         if tx.upstream is not None:
-            self.runtime.pool.release(tx.upstream)
+            tx.upstream.release()
             tx.upstream = None
         record: dict[str, Any] = {
             "tx": tx.id,
@@ -714,6 +815,7 @@ class GateSession(SMTP):
             "helo": self.session.host_name if self.session else None,
             "mail_from": tx.mail_from.address,
             "rcpts": tx.rcpts,
+            **({"rcpts_unlogged": tx.rcpts_unlogged} if tx.rcpts_unlogged else {}),
             "size": size,
             "decision": action,
             "rule": rule,
@@ -749,7 +851,7 @@ class GateSession(SMTP):
         else:
             self.tx = None
             if tx.upstream is not None:
-                self.runtime.pool.release(tx.upstream)
+                tx.upstream.release()
 
     def hang_up(self, reply: str) -> None:
         """Send a last reply and close, without waiting (for draining)."""

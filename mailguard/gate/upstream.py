@@ -46,7 +46,8 @@ class UpstreamReply:
 
     @property
     def positive(self) -> bool:
-        return 200 <= self.code < 400
+        """2xx: the command was accepted (a 3xx only ever answers DATA, checked there)."""
+        return 200 <= self.code < 300
 
     @property
     def text(self) -> str:
@@ -95,8 +96,10 @@ class UpstreamConnection:
         self._writer = writer
         self._config = config
         self.extensions: dict[str, str] = {}
-        self.dirty = False  # a transaction was started and must be reset before reuse
+        self.dirty = False  # carried a transaction: reset with RSET before the next one
         self.broken = False
+        self.owed = 0  # replies the upstream still owes; a connection owing any is never reused
+        self.pool: UpstreamPool | None = None
         self.last_used = time.monotonic()
         self.transactions = 0
 
@@ -110,6 +113,7 @@ class UpstreamConnection:
         except (OSError, TimeoutError) as exc:
             raise UpstreamError(f"cannot connect to upstream {target}: {exc!r}") from exc
         conn = cls(reader, writer, config)
+        conn.owed = 1  # the greeting
         try:
             greeting = await conn._reply(config.command_timeout)
             if greeting.code != 220:
@@ -166,7 +170,7 @@ class UpstreamConnection:
     @property
     def alive(self) -> bool:
         """False once broken or closed by either side (as far as can be seen without I/O)."""
-        return not (self.broken or self._writer.is_closing() or self._reader.at_eof())
+        return not (self.broken or self.owed or self._writer.is_closing() or self._reader.at_eof())
 
     @property
     def pipelining(self) -> bool:
@@ -175,30 +179,39 @@ class UpstreamConnection:
     async def _reply(self, timeout: float) -> UpstreamReply:
         try:
             async with asyncio.timeout(timeout):
-                return await _read_reply(self._reader)
+                reply = await _read_reply(self._reader)
         except UpstreamError:
             self.broken = True
             raise
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
             self.broken = True
             raise UpstreamError(f"upstream read failed: {exc!r}") from exc
+        except BaseException:
+            # Cancelled (the client went away): replies may be in flight, so the
+            # connection is out of step and must never carry another transaction.
+            self.broken = True
+            raise
+        self.owed -= 1
+        return reply
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes, replies: int) -> None:
+        """Write ``data``, for which the upstream owes ``replies`` replies."""
         if self._writer.is_closing():
             self.broken = True
             raise UpstreamError("upstream connection is closed")
+        self.owed += replies
         self._writer.write(data)
 
     async def command(self, line: bytes, what: str = "command") -> UpstreamReply:
         """Send one command line (without CRLF) and return its reply."""
-        self._send(line + b"\r\n")
+        self._send(line + b"\r\n", 1)
         return await self._reply(self._config.command_timeout)
 
     async def commands(self, lines: list[bytes]) -> list[UpstreamReply]:
         """Send several commands, pipelined when the upstream offers PIPELINING."""
         if not self.pipelining:
             return [await self.command(line) for line in lines]
-        self._send(b"".join(line + b"\r\n" for line in lines))
+        self._send(b"".join(line + b"\r\n" for line in lines), len(lines))
         return [await self._reply(self._config.command_timeout) for _ in lines]
 
     async def start(self, mail_from: bytes) -> UpstreamReply:
@@ -221,8 +234,11 @@ class UpstreamConnection:
         """
         reply = await self.command(b"DATA")
         if reply.code != 354:
+            if reply.code < 400:
+                self.broken = True
+                raise UpstreamError(f"upstream answered DATA with {reply.code}, not 354")
             return reply
-        self._send(payload)
+        self._send(payload, 1)
         try:
             async with asyncio.timeout(self._config.data_timeout):
                 await self._writer.drain()
@@ -230,9 +246,18 @@ class UpstreamConnection:
             self.broken = True
             raise UpstreamError(f"upstream write failed: {exc!r}") from exc
         reply = await self._reply(self._config.data_timeout)
-        self.dirty = False
+        if not 200 <= reply.code < 300 and reply.code < 400:
+            self.broken = True
+            raise UpstreamError(f"upstream answered end of data with {reply.code}")
         self.transactions += 1
         return reply
+
+    def release(self) -> None:
+        """Back to the pool it came from (closed if that pool is gone or it is unusable)."""
+        if self.pool is None:
+            self.close()
+        else:
+            self.pool.release(self)
 
     def close(self) -> None:
         self.broken = True
@@ -265,7 +290,9 @@ class UpstreamPool:
                 conn.close()
                 continue
             return conn, True
-        return await UpstreamConnection.open(self.config, self.helo), False
+        conn = await UpstreamConnection.open(self.config, self.helo)
+        conn.pool = self
+        return conn, False
 
     def release(self, conn: UpstreamConnection) -> None:
         """Give a connection back; broken ones are closed, surplus ones are closed."""

@@ -45,6 +45,7 @@ class RecordingUpstream:
     messages: list[Received] = field(default_factory=list)
     data_reply: str | None = None
     mail_reply: str | None = None
+    data_delay: float = 0.0  # seconds before answering end of data
     connections: int = 0
     server: asyncio.base_events.Server | None = None
 
@@ -72,6 +73,10 @@ class RecordingUpstream:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         local = address.split("@")[0]
+        if local.startswith("die"):  # the upstream drops the connection
+            assert server.transport is not None
+            server.transport.close()
+            return "421 4.3.0 going away"
         if local.startswith("refuse"):
             return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
         if local.startswith("tempfail"):
@@ -80,6 +85,8 @@ class RecordingUpstream:
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         if self.data_reply:
             return self.data_reply
         assert isinstance(envelope.original_content, bytes)
