@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import base64
 import ssl
-import subprocess
 from pathlib import Path
 
 import aiosmtplib
-import pytest
 from argon2 import PasswordHasher
 
-from tests.gate.conftest import BASE_CONFIG, MakeGate, RecordingUpstream
+from tests.gate.conftest import BASE_CONFIG, MakeGate, RecordingUpstream, with_tls
 from tests.gate.smtpraw import RawClient
 
 HASH = PasswordHasher(time_cost=1, memory_cost=8192).hash("s3cret")
@@ -35,33 +33,6 @@ def no_tls(config: str, extra: str = "") -> str:
     return config.replace(
         'hostname = "gate.test"', f'hostname = "gate.test"\nauth_require_tls = false{extra}'
     )
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("tls")
-    cert, key = d / "cert.pem", d / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=gate.test",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 async def test_auth_makes_an_outsider_a_customer(make_gate: MakeGate, upstream: RecordingUpstream):
@@ -103,12 +74,8 @@ async def test_auth_refused_without_tls(make_gate: MakeGate):
 async def test_auth_over_starttls(
     make_gate: MakeGate, upstream: RecordingUpstream, certificate: tuple[Path, Path]
 ):
-    cert, key = certificate
-    config = AUTH_CONFIG.replace(
-        'hostname = "gate.test"',
-        f'hostname = "gate.test"\ntls_certificate = "{cert}"\ntls_key = "{key}"',
-    )
-    gate = await make_gate(config)
+    cert, _ = certificate
+    gate = await make_gate(with_tls(AUTH_CONFIG, certificate))
     context = ssl.create_default_context(cafile=str(cert))
     client = aiosmtplib.SMTP(
         hostname=gate.host, port=gate.port, tls_context=context, start_tls=False

@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 
 from mailguard.config.load import parse_config
-from tests.gate.conftest import BASE_CONFIG, MakeGate, RecordingUpstream
+from tests.gate.conftest import BASE_CONFIG, MakeGate, RecordingUpstream, with_tls
 from tests.gate.smtpraw import RawClient
 
 try:
@@ -116,36 +116,10 @@ async def test_dot_stuffed_line_of_full_length(make_gate: MakeGate, upstream: Re
         assert (await c.data(b"Subject: x\r\n\r\n.." + b"y" * 997 + b"\r\n")).startswith("250")
 
 
-async def test_starttls_with_pipelined_commands_refused(make_gate: MakeGate, tmp_path: Path):
-    import subprocess
-
-    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=gate.test",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    gate = await make_gate(
-        BASE_CONFIG.replace(
-            'hostname = "gate.test"',
-            f'hostname = "gate.test"\ntls_certificate = "{cert}"\ntls_key = "{key}"',
-        )
-    )
+async def test_starttls_with_pipelined_commands_refused(
+    make_gate: MakeGate, certificate: tuple[Path, Path]
+):
+    gate = await make_gate(with_tls(BASE_CONFIG, certificate))
     async with RawClient(gate.host, gate.port) as c:
         await c.ehlo()
         c.writer.write(b"STARTTLS\r\nMAIL FROM:<injected@acme.example>\r\n")
