@@ -4,7 +4,9 @@ Responsible for: the line's format and writing it (one ``write`` per line, flush
 from concurrent transactions never interleave).  Fields: ``ts`` (ISO 8601 UTC), ``tx``,
 ``client``, ``customer``, ``auth``, ``helo``, ``mail_from``, ``rcpts`` (each with its reply
 code), ``size`` (octets), ``decision`` (accept / reject / defer / aborted), ``rule``,
-``numbers``, ``reply``, ``upstream``, ``ms`` (timings in milliseconds).
+``numbers``, ``reply`` (the last reply the client got: the upstream's own, mirrored, unless
+``rule`` names a mailguard refusal), ``policy`` (what the rules found, also in monitor mode),
+``ms`` (timings in milliseconds: total, policy, upstream).
 Must never: decide anything or raise into the SMTP session (a failing log is reported once on
 the operational log).
 """
