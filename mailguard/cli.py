@@ -1,4 +1,4 @@
-"""The ``mailguard`` command line: ``serve``, ``check-config``, ``hash-password``.
+"""The ``mailguard`` command line: ``serve``, ``check-config``, ``hash-password``, ``optin``.
 
 Responsible for: argument parsing and exit statuses (0 success, 2 usage or config error).
 Must never: hold logic a front end or the core should own; print a traceback for user errors.
@@ -11,6 +11,8 @@ import getpass
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from mailguard.optin.cli import register as register_optin
 
 DEFAULT_CONFIG = Path("/etc/mailguard/mailguard.toml")
 
@@ -76,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "hash-password", help="print an argon2 hash for [[customer.user]] password_hash"
     )
     hashpw.set_defaults(func=_hash_password)
+    register_optin(sub)
     return parser
 
 
