@@ -26,6 +26,8 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from mailguard.config.schema import (
+    LIMIT_KEYS,
+    CampaignLimits,
     Config,
     Customer,
     IPNetwork,
@@ -35,6 +37,7 @@ from mailguard.config.schema import (
     Reply,
     ServerConfig,
     StoreConfig,
+    Templates,
     UpstreamConfig,
     User,
 )
@@ -638,13 +641,67 @@ _STORE: Final = _Table(
     },
 )
 
+_ACTION: Final = _leaf(_choice("reject", "defer", "monitor"))
+
+# [policy]'s AUP numbers; the same keys in a [[customer]] override them for that customer.
+_LIMITS: Final[dict[str, Check]] = {
+    "bulk_recipients": _leaf(_integer(1, 1_000_000)),
+    "bulk_window": _POSITIVE,
+    "mailbomb_messages": _leaf(_integer(1, 1_000_000)),
+    "mailbomb_window": _POSITIVE,
+    "bulk_action": _ACTION,
+    "mailbomb_action": _ACTION,
+    "hygiene_action": _ACTION,
+}
+assert tuple(_LIMITS) == LIMIT_KEYS
+
+
+def _template(value: object) -> str:
+    """A refusal text template: one line, only known ``{placeholders}``."""
+    text = _string(value)
+    if "\r" in text or "\n" in text:
+        raise ValueError("must be one line")
+    try:
+        text.format(
+            count=21,
+            threshold=20,
+            window="24h",
+            recipient="r@example.org",
+            reason="r",
+            missing="m",
+            url="u",
+        )
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(
+            f"bad placeholder {exc} (allowed: {{count}} {{threshold}} {{window}} "
+            "{recipient} {reason} {missing} {url})"
+        ) from None
+    return text
+
+
+_TEMPLATES: Final = _Table(
+    Templates,
+    {"bulk": _leaf(_template), "mailbomb": _leaf(_template), "hygiene": _leaf(_template)},
+)
+
+
+def _policy(**values: Any) -> PolicyConfig:
+    limits = {k: values.pop(k) for k in LIMIT_KEYS if k in values}
+    return PolicyConfig(limits=CampaignLimits(**limits), **values)
+
+
 _POLICY: Final = _Table(
-    PolicyConfig,
+    _policy,
     {
         "mode": _leaf(_choice("enforce", "monitor", "off")),
         "soft_bounce": _leaf(_boolean),
         "store_failure_reply": _leaf(_failure_reply),
         "upstream_failure_reply": _leaf(_failure_reply),
+        **_LIMITS,
+        "require_list_unsubscribe": _leaf(_boolean),
+        "require_one_click_unsubscribe": _leaf(_boolean),
+        "aup_url": _leaf(_string),
+        "templates": _TEMPLATES,
     },
 )
 
@@ -662,8 +719,34 @@ _USER: Final = _Table(
     required=("name", "password_hash"),
 )
 
+
+def _customer(**values: Any) -> Customer:
+    overrides = tuple((k, values.pop(k)) for k in LIMIT_KEYS if k in values)
+    return Customer(overrides=overrides, **values)
+
+
+def _sender_address(value: object) -> str:
+    text = _string(value)
+    if text.count("@") != 1 or any(c.isspace() for c in text) or len(text) > 254:
+        raise ValueError(f"{quote(text)} is not an e-mail address")
+    local, _, domain = text.partition("@")
+    return f"{local}@{_domain(domain)}"
+
+
+def _bulk_networks_inside(
+    raw: Mapping[str, object], values: dict[str, Any], path: str, errors: _Errors
+) -> None:
+    networks = values.get("networks", ())
+    for j, net in enumerate(values.get("bulk_networks", ())):
+        if not any(net.version == n.version and net.subnet_of(n) for n in networks):
+            errors.add(
+                f"{_join(path, 'bulk_networks')}[{j}]",
+                f"{quote(str(net))} is not inside this customer's networks",
+            )
+
+
 _CUSTOMER: Final = _Table(
-    Customer,
+    _customer,
     {
         "id": _leaf(_customer_id),
         "networks": _array(_leaf(_network)),
@@ -671,9 +754,14 @@ _CUSTOMER: Final = _Table(
         "user": _array(
             _USER, unique=False, expected="an array of tables ([[customer.user]] sections)"
         ),
+        "bulk_sender": _leaf(_boolean),
+        "bulk_networks": _array(_leaf(_network)),
+        "transactional_senders": _array(_leaf(_sender_address)),
+        **_LIMITS,
     },
     required=("id",),
     rename={"user": "users"},
+    cross=(_bulk_networks_inside,),
 )
 
 

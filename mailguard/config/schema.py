@@ -8,14 +8,15 @@ Must never: read files, parse TOML or validate raw input (that is ``mailguard.co
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 PolicyMode = Literal["enforce", "monitor", "off"]
+RuleAction = Literal["reject", "defer", "monitor"]
 UpstreamTLS = Literal["off", "opportunistic", "require"]
 
 
@@ -97,11 +98,63 @@ class Reply:
         return f"{self.code} {self.enhanced} {self.text}"
 
 
+DEFAULT_TEMPLATES = {
+    "bulk": (
+        "Refused: this message is one of {count} substantively similar messages to different "
+        "recipients in {window}, and {reason} (AUP: unsolicited bulk e-mail). See {url}"
+    ),
+    "mailbomb": (
+        "Refused: this would be message {count} of substantively similar messages to "
+        "<{recipient}> in {window}; at most {threshold} are allowed (AUP: mail bombing). See {url}"
+    ),
+    "hygiene": (
+        "Refused: bulk mail ({count} recipients in {window}) must carry {missing} "
+        "(RFC 2369, RFC 8058; AUP: bulk mailing). See {url}"
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Templates:
+    """``[policy.templates]``: the text of each refusal; ``{placeholders}`` are filled in:
+    count, threshold, window, recipient, reason, missing, url."""
+
+    bulk: str = DEFAULT_TEMPLATES["bulk"]
+    mailbomb: str = DEFAULT_TEMPLATES["mailbomb"]
+    hygiene: str = DEFAULT_TEMPLATES["hygiene"]
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignLimits:
+    """The AUP's numbers and what to do when they are passed (global or per customer).
+
+    Windows are seconds, sliding.  Bulk: a campaign sent to more than ``bulk_recipients``
+    distinct recipients within ``bulk_window``.  Mail bomb: more than ``mailbomb_messages``
+    messages of one campaign to one recipient within ``mailbomb_window``.
+    """
+
+    bulk_recipients: int = 20
+    bulk_window: float = 86400.0
+    mailbomb_messages: int = 10
+    mailbomb_window: float = 86400.0
+    bulk_action: RuleAction = "reject"
+    mailbomb_action: RuleAction = "reject"
+    hygiene_action: RuleAction = "reject"
+
+
+LIMIT_KEYS = tuple(f.name for f in fields(CampaignLimits))
+
+
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
     """``[policy]``: how decisions are applied and what failures become."""
 
     mode: PolicyMode = "enforce"
+    limits: CampaignLimits = field(default_factory=CampaignLimits)  # flat keys in [policy]
+    require_list_unsubscribe: bool = True  # bulk mail must carry List-Unsubscribe (RFC 2369)
+    require_one_click_unsubscribe: bool = True  # ... and List-Unsubscribe-Post (RFC 8058)
+    aup_url: str = "https://www.example.net/aup"
+    templates: Templates = field(default_factory=Templates)
     soft_bounce: bool = False  # turn every 5xx policy refusal into 4xx (rollout safety net)
     store_failure_reply: Reply = Reply(
         451, "4.3.0", "Temporary policy service failure, please try again later"
@@ -135,6 +188,15 @@ class Customer:
     networks: tuple[IPNetwork, ...] = ()
     domains: tuple[str, ...] = ()
     users: tuple[User, ...] = ()
+    bulk_sender: bool = False  # a designated list server (HopOne 12.1.4)
+    bulk_networks: tuple[IPNetwork, ...] = ()  # only these of its networks are list servers
+    transactional_senders: tuple[str, ...] = ()  # envelope senders exempt from the bulk rule
+    # Overrides of [policy]'s numbers and actions, as (field of CampaignLimits, value) pairs.
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    def limits(self, policy: PolicyConfig) -> CampaignLimits:
+        """This customer's effective numbers and actions."""
+        return replace(policy.limits, **dict(self.overrides)) if self.overrides else policy.limits
 
 
 @dataclass(frozen=True, slots=True)

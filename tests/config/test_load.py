@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 
 from mailguard.config.load import ConfigError, load_config, parse_config
 from mailguard.config.schema import (
+    LIMIT_KEYS,
+    Templates,
     Config,
     Customer,
     ListenAddress,
@@ -106,6 +108,7 @@ _SECTIONS: dict[str, type] = {
     "log": LogConfig,
     "customer": Customer,
     "customer.user": User,
+    "policy.templates": Templates,
 }
 
 
@@ -122,6 +125,11 @@ def test_example_documents_every_key() -> None:
         fields = {f.name for f in dataclasses.fields(cls)}
         if cls is Customer:
             fields.discard("users")  # documented as the [[customer.user]] section
+            fields.discard("overrides")  # written as [policy]'s own keys
+            fields |= set(LIMIT_KEYS)
+        if cls is PolicyConfig:
+            fields -= {"limits", "templates"}  # flat keys, and the [policy.templates] section
+            fields |= set(LIMIT_KEYS)
         assert documented.get(name) == fields, name
 
 
@@ -851,3 +859,58 @@ def test_any_data_gives_config_or_config_error(data: dict[str, Any]) -> None:
         assert all("\n" not in line for line in error.errors)
     else:
         assert isinstance(config, Config)
+
+
+def test_aup_limits_and_customer_overrides() -> None:
+    config = parse_config(
+        tomllib.loads(
+            """
+[policy]
+bulk_recipients = 30
+mailbomb_window = "12h"
+bulk_action = "defer"
+[[customer]]
+id = "lists"
+networks = ["198.51.100.0/24"]
+bulk_sender = true
+bulk_networks = ["198.51.100.7/32"]
+transactional_senders = ["Receipts@Shop.Example"]
+bulk_recipients = 500
+mailbomb_action = "monitor"
+[[customer]]
+id = "plain"
+"""
+        )
+    )
+    policy = config.policy
+    assert policy.limits.bulk_recipients == 30
+    assert policy.limits.mailbomb_window == 12 * 3600
+    assert policy.limits.bulk_action == "defer"
+    lists, plain = config.customers
+    assert lists.limits(policy).bulk_recipients == 500
+    assert lists.limits(policy).mailbomb_action == "monitor"
+    assert lists.limits(policy).mailbomb_window == 12 * 3600  # inherited
+    assert lists.transactional_senders == ("Receipts@shop.example",)
+    assert plain.limits(policy) is policy.limits
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('[policy]\nbulk_action = "drop"\n', 'policy.bulk_action: "drop"'),
+        ('[policy.templates]\nbulk = "{nope}"\n', "policy.templates.bulk: bad placeholder"),
+        ("[policy]\nmailbomb_messages = 0\n", "policy.mailbomb_messages"),
+        (
+            '[[customer]]\nid = "a"\nnetworks = ["10.0.0.0/24"]\nbulk_networks = ["10.1.0.0/24"]\n',
+            'customer[0].bulk_networks[0]: "10.1.0.0/24" is not inside',
+        ),
+        (
+            '[[customer]]\nid = "a"\ntransactional_senders = ["nobody"]\n',
+            "is not an e-mail address",
+        ),
+    ],
+)
+def test_aup_settings_errors(toml: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(tomllib.loads(toml))
+    assert any(message in line for line in info.value.errors), info.value.errors
