@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from mailguard.config.load import ConfigError, load_config, parse_config
 from mailguard.config.schema import (
     LIMIT_KEYS,
-    Templates,
     Config,
     Customer,
     ListenAddress,
@@ -25,6 +24,7 @@ from mailguard.config.schema import (
     Reply,
     ServerConfig,
     StoreConfig,
+    Templates,
     UpstreamConfig,
     User,
 )
