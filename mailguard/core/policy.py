@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from mailguard.config.schema import PolicyConfig
+from mailguard.config.schema import CampaignLimits, PolicyConfig
+from mailguard.core.rules import campaign as campaign_rules
 from mailguard.core.verdict import Accept, Defer, Reject, Verdict
 
 
@@ -102,6 +103,26 @@ class Policy:
             if found is not None and not isinstance(found, Accept):
                 return self._apply(found)
         return self._accept()
+
+    @property
+    def counts_campaigns(self) -> bool:
+        """True when the AUP's mail rules run (they need the store), i.e. mode is not off."""
+        return self._config.mode != "off"
+
+    def campaign(
+        self,
+        limits: CampaignLimits,
+        count: campaign_rules.CampaignCount,
+        sender: campaign_rules.SenderFacts,
+    ) -> Decision:
+        """The AUP mail rules' decision for one message, with the rule's action applied
+        (``monitor``: found and logged, not refused) and then the global mode."""
+        found, action = campaign_rules.decide(self._config, limits, count, sender)
+        if isinstance(found, Accept):
+            return Decision(found, found, self._config.mode)
+        if action == "monitor":
+            return Decision(Accept(rule=found.rule, numbers=found.numbers), found, "monitor")
+        return self._apply(found)
 
     def _accept(self) -> Decision:
         accept = Accept()
