@@ -1,0 +1,316 @@
+"""Campaign counting for the AUP's bulk and mail-bomb rules (issue 4): reserve, then settle.
+
+Responsible for: the atomic counters behind the two rules, one Lua script per decision
+(``lua/campaign_reserve.lua``, ``lua/campaign_settle.lua``), their key layout and typed results.
+Must never: decide policy (which action, which reply text, who is excused: the caller says so),
+read a clock (``now`` comes in), or let a Redis exception escape (``RedisStore._run`` turns every
+failure into ``StoreError``).
+
+Semantics (the scripts' headers say the same in Lua terms):
+
+* **Reserve, then settle.**  At end of DATA the door calls :meth:`CampaignCounter.reserve` for the
+  whole message (SMTP has one reply to DATA).  The script decides every recipient and reserves
+  the message *only if every recipient is allowed* (all or nothing: with one refused recipient
+  nothing is reserved or counted; the script only drops data that no longer counts).  When the
+  upstream accepts, :meth:`~CampaignCounter.commit` turns the reservation into counted sends;
+  otherwise :meth:`~CampaignCounter.release` removes it as if it never happened, so a deferred
+  message retried later does not use up quota.  Settling is idempotent.  A reservation not
+  settled within ``reservation_ttl`` no longer counts (and a late commit counts nothing: keep the
+  ttl well above the upstream's timeout); expired reservations are purged lazily by the next
+  reserve of the campaign.
+* **Bulk.**  The campaign's *bulk set* is the recipients with a committed send within the sliding
+  ``bulk_window`` plus those held by live reservations, each counted once.  A recipient already in
+  the set is ``SEEN`` and adds nothing.  While the set has fewer than ``bulk_recipients`` members
+  a new recipient is ``NEW`` (distinct number ``n <= bulk_recipients``) and joins it; a new
+  recipient that would be number ``bulk_recipients + 1`` or later is past the threshold: refused
+  (``BULK``) unless the caller marked it excused (designated list server *and* confirmed opt-in),
+  then ``EXCUSED``.  Recipients past the threshold never join the set, so a campaign's memory is
+  bounded by ``bulk_recipients``; instead committing a message with one of them marks the campaign
+  bulk until ``now + bulk_window``, and every commit while it is marked refreshes the mark.
+  *Approximation:* while marked, every recipient outside the set counts as past the threshold,
+  even if fewer than ``bulk_recipients`` distinct recipients got mail in the last window: a bulk
+  campaign stays bulk until it has been silent for a whole ``bulk_window``.  The distinct count
+  reported for a marked campaign is therefore a lower bound (``bulk_recipients`` + the recipients
+  past it in this message), which is exactly "one of 21" for the first refused recipient.
+* **Mail bomb.**  Per campaign and recipient a true sliding log (a sorted set of send times, one
+  member per message): committed sends within ``mailbomb_window`` plus live reservations, this
+  message included.  Message number ``mailbomb_messages + 1`` to one recipient within any
+  ``mailbomb_window`` is refused (``MAILBOMB``), excused or not.  A recipient refused by both
+  rules reports ``MAILBOMB``.
+* **Recipients** are normalized (``<>`` and whitespace stripped, lower-cased) and stored as a
+  128-bit BLAKE2b hash, so keys and members stay small and no address is stored.  The same
+  recipient twice in one message counts once.
+* **Windows** are ``(now - window, ...]``: an entry exactly ``window`` old has left.  Entries later
+  than ``now`` (a gate whose clock runs ahead) count: the safe side for a quota.
+* **Keys** (all of one customer share the hash tag ``{customer}``, so both scripts run unchanged
+  on Redis Cluster; every key a script touches is in its KEYS)::
+
+      {prefix}:{{customer}}:cust:camp:{campaign}:sent        ZSET rcpt hash -> last send time
+      {prefix}:{{customer}}:cust:camp:{campaign}:held        HASH rcpt hash -> live holds
+      {prefix}:{{customer}}:cust:camp:{campaign}:resv        HASH reservation id -> JSON record
+      {prefix}:{{customer}}:cust:camp:{campaign}:resx        ZSET reservation id -> expiry
+      {prefix}:{{customer}}:cust:camp:{campaign}:bulk_until  STRING time the bulk mark ends
+      {prefix}:{{customer}}:cust:camp:{campaign}:mb:{hash}   ZSET p:<id>/c:<id> -> time
+
+  Every key written gets ``PEXPIRE max(bulk_window, mailbomb_window) + reservation_ttl``.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from redis.commands.core import AsyncScript
+
+from mailguard.store.redis_store import RedisStore, lua_script
+
+CAMPAIGN = "camp"
+MAX_RESERVATION_ID = 128
+
+
+def recipient_key(recipient: str) -> str:
+    """The stored form of a recipient address: a hash of its normalized (lower-case) text."""
+    normalized = recipient.strip().removeprefix("<").removesuffix(">").strip().lower()
+    data = normalized.encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class CountingParams:
+    """The thresholds and windows of one decision (the customer's effective policy)."""
+
+    bulk_recipients: int = 20
+    bulk_window: float = 86400.0
+    mailbomb_messages: int = 10
+    mailbomb_window: float = 86400.0
+    reservation_ttl: float = 900.0
+
+    def __post_init__(self) -> None:
+        for name in ("bulk_recipients", "mailbomb_messages"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, not {value!r}")
+        for name in ("bulk_window", "mailbomb_window", "reservation_ttl"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+
+    @property
+    def key_ttl(self) -> float:
+        """Seconds every written key lives after its last write."""
+        return max(self.bulk_window, self.mailbomb_window) + self.reservation_ttl
+
+
+class Verdict(enum.IntEnum):
+    """What the reserve script decided for one recipient (the values are the script's codes)."""
+
+    NEW = 1  # not yet counted: joins the bulk set as distinct recipient ``number``
+    SEEN = 2  # already in the bulk set (sent to, or reserved, within the window)
+    EXCUSED = 3  # past the bulk threshold, allowed because the caller excused it
+    BULK = 4  # refused: past the bulk threshold and not excused
+    MAILBOMB = 5  # refused: message ``mailbomb_count`` > mailbomb_messages to this recipient
+
+    @property
+    def allowed(self) -> bool:
+        return self in (Verdict.NEW, Verdict.SEEN, Verdict.EXCUSED)
+
+
+class SettleOutcome(enum.IntEnum):
+    """What settling a reservation did (the values are the settle script's codes)."""
+
+    UNKNOWN = 0  # no such live reservation: already settled, or expired and purged
+    COMMITTED = 1
+    EXPIRED = 2  # it expired before being settled: removed, nothing counted
+    RELEASED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    """The decision for one recipient of the message."""
+
+    recipient: str  # as given by the caller
+    key: str  # recipient_key(recipient)
+    verdict: Verdict
+    number: int  # its distinct number in the campaign (0 if SEEN); > threshold = past it
+    mailbomb_count: int  # messages of the campaign to it in the window, this one included
+
+    @property
+    def allowed(self) -> bool:
+        return self.verdict.allowed
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A reserved message, to be committed or released (plain data: it can be kept anywhere)."""
+
+    customer: str
+    campaign: str
+    id: str
+    recipient_keys: tuple[str, ...]  # distinct, in the order they were reserved
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    """The whole message's decision, with the numbers a reply text needs.
+
+    ``distinct`` counts the campaign's distinct recipients within the bulk window with this
+    message's recipients added (a lower bound once the campaign is bulk, see the module
+    docstring): the "21" of "one of 21 substantively similar messages to different recipients".
+    """
+
+    reservation: Reservation | None  # set iff every recipient is allowed
+    recipients: tuple[RecipientResult, ...]  # one per recipient given, in the order given
+    distinct: int
+    bulk: bool  # the campaign is past the threshold (with this message)
+    params: CountingParams
+
+    @property
+    def allowed(self) -> bool:
+        return self.reservation is not None
+
+    @property
+    def refused(self) -> tuple[RecipientResult, ...]:
+        return tuple(r for r in self.recipients if not r.allowed)
+
+    @property
+    def mailbomb_count(self) -> int:
+        """The highest per-recipient mail-bomb count of this message."""
+        return max(r.mailbomb_count for r in self.recipients)
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignKeys:
+    """The keys of one campaign (see the layout in the module docstring)."""
+
+    sent: str
+    held: str
+    resv: str
+    resx: str
+    bulk_until: str
+    mailbomb_prefix: str  # + recipient_key(...) = that recipient's mail-bomb log
+
+    @classmethod
+    def of(cls, store: RedisStore, customer: str, campaign: str) -> CampaignKeys:
+        """``ValueError`` if ``customer`` or ``campaign`` is empty."""
+        if not campaign:
+            raise ValueError("campaign id must not be empty")
+
+        def key(part: str) -> str:
+            return store.keys.customer_key(customer, CAMPAIGN, campaign, part)
+
+        return cls(
+            key("sent"), key("held"), key("resv"), key("resx"), key("bulk_until"), key("mb") + ":"
+        )
+
+    def script_keys(self, recipient_keys: Sequence[str]) -> list[str]:
+        """KEYS for both scripts: the five campaign keys, then one log per recipient."""
+        fixed = [self.sent, self.held, self.resv, self.resx, self.bulk_until]
+        return fixed + [self.mailbomb_prefix + k for k in recipient_keys]
+
+
+def _num(name: str, value: float) -> str:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, not {value!r}")
+    return repr(value)  # shortest text that round-trips: Redis parses back the same double
+
+
+class CampaignCounter:
+    """Bulk and mail-bomb counting on a ``RedisStore`` (see the module docstring)."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        redis = store._redis
+        self._reserve: AsyncScript = redis.register_script(lua_script("campaign_reserve"))
+        self._settle: AsyncScript = redis.register_script(lua_script("campaign_settle"))
+
+    async def reserve(
+        self,
+        customer: str,
+        campaign: str,
+        recipients: Sequence[str],
+        now: float,
+        *,
+        params: CountingParams | None = None,
+        excused: Sequence[bool] | None = None,
+        reservation_id: str | None = None,
+    ) -> ReserveResult:
+        """Decide one message of ``campaign`` to ``recipients``; reserve it iff all are allowed.
+
+        ``excused[i]`` says recipient ``i`` may be sent past the bulk threshold (default: none
+        is).  ``reservation_id`` must be unique per message attempt (default: a random one); a
+        repeated call with the same id returns the first answer without counting twice.
+        ``ValueError`` for bad arguments, ``StoreError`` if the store fails.
+        """
+        params = params or CountingParams()
+        if isinstance(recipients, str):
+            raise TypeError("recipients must be a sequence of addresses, not one string")
+        if not recipients:
+            raise ValueError("a message needs at least one recipient")
+        flags = [False] * len(recipients) if excused is None else [bool(e) for e in excused]
+        if len(flags) != len(recipients):
+            raise ValueError("excused must have one flag per recipient")
+        rid = uuid.uuid4().hex if reservation_id is None else reservation_id
+        if not rid or len(rid) > MAX_RESERVATION_ID:
+            raise ValueError(f"reservation id must be 1..{MAX_RESERVATION_ID} characters")
+        keys = CampaignKeys.of(self.store, customer, campaign)
+        rkeys = [recipient_key(r) for r in recipients]
+        # One entry per distinct recipient, excused if any of its copies is.
+        order: dict[str, bool] = {}
+        for rkey, flag in zip(rkeys, flags, strict=True):
+            order[rkey] = order.get(rkey, False) or flag
+        unique = list(order)
+        script_keys = keys.script_keys(unique)
+        args = [
+            _num("now", now),
+            rid,
+            str(params.bulk_recipients),
+            _num("bulk_window", params.bulk_window),
+            str(params.mailbomb_messages),
+            _num("mailbomb_window", params.mailbomb_window),
+            _num("reservation_ttl", params.reservation_ttl),
+        ]
+        for rkey in unique:
+            args += [rkey, "1" if order[rkey] else "0"]
+        raw = await self.store._run(
+            "campaign_reserve", lambda: self._reserve(keys=script_keys, args=args)
+        )
+        values = [int(v) for v in raw]
+        by_key = {
+            rkey: (Verdict(values[3 + 3 * i]), values[4 + 3 * i], values[5 + 3 * i])
+            for i, rkey in enumerate(unique)
+        }
+        results = tuple(
+            RecipientResult(recipient, rkey, *by_key[rkey])
+            for recipient, rkey in zip(recipients, rkeys, strict=True)
+        )
+        reservation = None
+        if values[0] == 1:
+            reservation = Reservation(
+                customer, campaign, rid, tuple(unique), float(now) + params.reservation_ttl
+            )
+        return ReserveResult(reservation, results, values[1], values[2] == 1, params)
+
+    async def settle(self, reservation: Reservation, *, commit: bool, now: float) -> SettleOutcome:
+        """Commit (the upstream accepted) or release (it did not) ``reservation``; idempotent."""
+        keys = CampaignKeys.of(self.store, reservation.customer, reservation.campaign)
+        script_keys = keys.script_keys(reservation.recipient_keys)
+        args = [_num("now", now), reservation.id, "1" if commit else "0"]
+        args += reservation.recipient_keys
+        raw = await self.store._run(
+            "campaign_settle", lambda: self._settle(keys=script_keys, args=args)
+        )
+        return SettleOutcome(int(raw))
+
+    async def commit(self, reservation: Reservation, now: float) -> SettleOutcome:
+        """The message was sent: its reservation becomes counted sends."""
+        return await self.settle(reservation, commit=True, now=now)
+
+    async def release(self, reservation: Reservation, now: float) -> SettleOutcome:
+        """The message was not sent: forget the reservation, as if it never happened."""
+        return await self.settle(reservation, commit=False, now=now)
