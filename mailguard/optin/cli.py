@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import IO, Final, TypeVar
 
 from mailguard.config.load import ConfigError, load_config
-from mailguard.config.schema import Config
 from mailguard.optin.records import (
     FORMATS,
     FieldError,
@@ -45,9 +44,7 @@ from mailguard.optin.records import (
 )
 from mailguard.optin.store import ImportReport, OptInStore
 from mailguard.store.base import StoreError
-from mailguard.store.embedded import EmbeddedRedis
-from mailguard.store.factory import EMBEDDED, open_store
-from mailguard.store.redis_store import RedisStore
+from mailguard.store.factory import open_admin_store
 
 DEFAULT_CONFIG: Final = Path("/etc/mailguard/mailguard.toml")
 OK: Final = 0
@@ -349,7 +346,7 @@ def _session(
 
     async def run() -> int:
         try:
-            store = await _open(config)
+            store = await open_admin_store(config.store, config.server.state_dir)
         except ValueError as exc:
             return _user_error(f"config error: {args.config}: store.url: {exc}")
         except StoreError as exc:
@@ -366,24 +363,6 @@ def _session(
         return asyncio.run(run())
     except UserError as exc:
         return _user_error(str(exc))
-
-
-async def _open(config: Config) -> RedisStore:
-    """The configured store; for ``embedded``, the running gate's redis-server if it answers
-    (a second embedded child on the same state directory is refused), else a new child."""
-    if config.store.url == EMBEDDED:
-        running = EmbeddedRedis(config.server.state_dir, config.store.redis_server)
-        if running.socket_path.exists():
-            attached = RedisStore(
-                running.url, timeout=config.store.timeout, key_prefix=config.store.key_prefix
-            )
-            try:
-                await attached.ping()
-            except StoreError:
-                await attached.close()
-            else:
-                return attached
-    return await open_store(config.store, config.server.state_dir)
 
 
 def _read_input(name: str) -> bytes:

@@ -3,6 +3,8 @@
 Responsible for: choosing between the embedded redis-server (``url = "embedded"``: a private
 child in ``{state_dir}/redis`` that the returned store owns and stops on ``close()``) and a
 Redis server or cluster at a URL (see ``redis_store`` for the URL forms, ``?cluster=1`` included).
+``open_admin_store`` is the same for admin commands, attaching to a running gate's embedded
+redis-server instead of starting a second one.
 Must never: keep a second reference to the store or the child.
 """
 
@@ -39,3 +41,24 @@ async def open_store(config: StoreConfig, state_dir: Path) -> RedisStore:
     except BaseException:
         await embedded.stop()
         raise
+
+
+async def open_admin_store(config: StoreConfig, state_dir: Path) -> RedisStore:
+    """The store for an admin command run beside a gate.
+
+    For ``embedded``, the running gate's redis-server when it answers (a second embedded child
+    on the same state directory is refused), else a new child; otherwise as ``open_store``.
+    """
+    from mailguard.store.base import StoreError
+
+    if config.url == EMBEDDED:
+        running = EmbeddedRedis(state_dir, config.redis_server)
+        if running.socket_path.exists():
+            attached = RedisStore(running.url, timeout=config.timeout, key_prefix=config.key_prefix)
+            try:
+                await attached.ping()
+            except StoreError:
+                await attached.close()
+            else:
+                return attached
+    return await open_store(config, state_dir)
