@@ -180,6 +180,11 @@ def gate_config(
         "",
         "[policy]",
         f"mode = {q(mode)}",
+        # Every rule runs (fingerprint, campaign, counters, settle) but the load, which is one
+        # campaign to a few recipients, stays under the thresholds, so nothing is refused and
+        # the targets deliver the same messages.
+        "bulk_recipients = 1000000",
+        "mailbomb_messages = 1000000",
         "",
         "[log]",
         f"decision_log = {q(str(workdir / 'decisions.log'))}",

@@ -1,4 +1,5 @@
-"""The ``mailguard`` command line: ``serve``, ``check-config``, ``hash-password``, ``optin``.
+"""The ``mailguard`` command line: ``serve``, ``check-config``, ``hash-password``, ``optin``,
+``cluster``, ``inspect``.
 
 Responsible for: argument parsing and exit statuses (0 success, 2 usage or config error).
 Must never: hold logic a front end or the core should own; print a traceback for user errors.
@@ -12,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mailguard.clustercli import register as register_cluster
+from mailguard.inspectcli import register as register_inspect
 from mailguard.optin.cli import register as register_optin
 
 DEFAULT_CONFIG = Path("/etc/mailguard/mailguard.toml")
@@ -79,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hashpw.set_defaults(func=_hash_password)
     register_optin(sub)
+    register_cluster(sub)
+    register_inspect(sub)
     return parser
 
 

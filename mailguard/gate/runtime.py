@@ -15,6 +15,7 @@ import functools
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from email.utils import formatdate
 from typing import TYPE_CHECKING
 
@@ -24,10 +25,12 @@ from argon2.exceptions import Argon2Error, InvalidHashError
 from mailguard.config.schema import Config, Customer
 from mailguard.core.customers import CustomerDirectory
 from mailguard.core.policy import Decision, MessageFacts, Policy, RcptFacts
-from mailguard.core.verdict import Defer
+from mailguard.core.verdict import Accept, Defer
 from mailguard.decisionlog import DecisionLog
+from mailguard.enforcement import CampaignDecision, CampaignEnforcer, unstuff
 from mailguard.gate.upstream import UpstreamPool
 from mailguard.store.base import Store, StoreError
+from mailguard.store.redis_store import RedisStore
 
 if TYPE_CHECKING:
     from mailguard.gate.session import GateSession, Transaction
@@ -56,6 +59,8 @@ class GateRuntime:
         self.draining = False
         self._hasher = PasswordHasher()
         self._date_cache = (0, "")
+        # The policy's clock (Unix seconds); tests move it to cover windows without sleeping.
+        self.clock: Callable[[], float] = time.time
         self.apply(config)
 
     def apply(self, config: Config) -> None:
@@ -74,6 +79,7 @@ class GateRuntime:
             pool = UpstreamPool(config.upstream, helo)
         self.config, self.directory, self.policy = config, directory, policy
         self.tls_context = tls_context
+        self.enforcer = self._enforcer(config, policy)
         if pool is not old:
             assert pool is not None
             self.pool = pool
@@ -143,6 +149,66 @@ class GateRuntime:
             return self._degraded(exc, tx)
         finally:
             tx.policy_ms += (time.perf_counter() - start) * 1000
+
+    def _enforcer(self, config: Config, policy: Policy) -> CampaignEnforcer | None:
+        """The AUP e-mail rules need the Redis store; None when the policy is off."""
+        if not policy.counts_campaigns or not isinstance(self.store, RedisStore):
+            return None
+        limits = [config.policy.limits, *(c.limits(config.policy) for c in config.customers)]
+        window = max(max(x.bulk_window, x.mailbomb_window) for x in limits)
+        return CampaignEnforcer(self.store, config.policy, window)
+
+    async def evaluate_campaign(
+        self, customer: Customer, client_ip: str, tx: Transaction, data: bytes
+    ) -> CampaignDecision:
+        """The AUP e-mail rules for the message ``data`` (as received, dot-stuffed)."""
+        assert self.enforcer is not None
+        start = time.perf_counter()
+        try:
+            return await self.enforcer.decide(
+                self.policy,
+                customer,
+                client_ip,
+                tx.mail_from.address,
+                tuple(tx.accepted),
+                unstuff(data),
+                self.clock(),
+                reservation_id=tx.id,
+            )
+        except StoreError as exc:
+            return CampaignDecision(self._degraded(exc, tx), "", None)
+        finally:
+            tx.policy_ms += (time.perf_counter() - start) * 1000
+
+    async def note_refusal(self, customer: Customer, tx: Transaction, decision: Decision) -> None:
+        """Keep a refusal of the AUP rules for ``mailguard inspect`` (best effort)."""
+        if self.enforcer is None:
+            return
+        verdict = decision.verdict
+        entry = {
+            "ts": self.clock(),
+            "tx": tx.id,
+            "mail_from": tx.mail_from.address,
+            "campaign": tx.campaign,
+            "rule": verdict.rule,
+            "numbers": dict(verdict.numbers),
+            "reply": verdict.reply() if not isinstance(verdict, Accept) else "",
+        }
+        try:
+            await self.enforcer.inspection.note_refusal(customer.id, entry)
+        except StoreError as exc:
+            log.warning("tx=%s could not record the refusal for inspect: %s", tx.id, exc)
+
+    async def settle(self, tx: Transaction, *, sent: bool) -> None:
+        """Count the transaction's message if it was sent, forget its reservation otherwise.
+        A store failure here is logged: the reservation then lapses after its time to live."""
+        reservation, tx.reservation = tx.reservation, None
+        if reservation is None or self.enforcer is None:
+            return
+        try:
+            await self.enforcer.settle(reservation, sent=sent, now=self.clock())
+        except StoreError as exc:
+            log.error("tx=%s could not settle reservation (sent=%s): %s", tx.id, sent, exc)
 
     def _degraded(self, exc: StoreError, tx: Transaction) -> Decision:
         reply = self.config.policy.store_failure_reply

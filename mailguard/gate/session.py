@@ -30,6 +30,7 @@ from mailguard.core.addresses import AddressError, EnvelopeArg, parse_envelope_a
 from mailguard.core.policy import Decision, MessageFacts, RcptFacts, SessionFacts
 from mailguard.core.verdict import Accept, Verdict
 from mailguard.gate.upstream import UpstreamConnection, UpstreamError, UpstreamReply
+from mailguard.store.counting import Reservation
 
 if TYPE_CHECKING:
     from mailguard.gate.runtime import GateRuntime
@@ -124,6 +125,8 @@ class Transaction:
     rcpts_unlogged: int = 0  # RCPTs past _MAX_LOGGED_RCPTS, counted only
     policy_ms: float = 0.0
     upstream_ms: float = 0.0
+    campaign: str | None = None  # the message's campaign (cluster) id, once assigned
+    reservation: Reservation | None = None  # counted when settled: commit if sent
 
 
 class GateSession(SMTP):
@@ -690,6 +693,24 @@ class GateSession(SMTP):
                 self._finish(tx, decision.verdict.action, reply, decision=decision, size=size)
                 await self.push(reply)
                 return
+        if self.customer is not None and self.runtime.enforcer is not None:
+            campaign = await self.runtime.evaluate_campaign(self.customer, self.client_ip, tx, body)
+            tx.campaign = campaign.campaign
+            # The log keeps the first finding: an earlier rule's (monitor) or this one's.
+            if (
+                decision is None
+                or not _found_refusal(decision)
+                or _found_refusal(campaign.decision)
+            ):
+                decision = campaign.decision
+            if decision.refused:
+                reply = decision.verdict.reply()  # type: ignore[union-attr]
+                self._finish(tx, decision.verdict.action, reply, decision=decision, size=size)
+                await self.push(reply)
+                if decision.verdict.rule != "store_failure":
+                    await self.runtime.note_refusal(self.customer, tx, decision)
+                return
+            tx.reservation = campaign.reservation
         conn = tx.upstream
         assert conn is not None
         start = time.perf_counter()
@@ -699,10 +720,12 @@ class GateSession(SMTP):
         except UpstreamError as exc:
             reply = self._upstream_failed(tx, exc).render()
             tx.upstream_ms += (time.perf_counter() - start) * 1000
+            await self.runtime.settle(tx, sent=False)
             self._finish(tx, "defer", reply, rule="upstream", size=size, decision=decision)
             await self.push(reply)
             return
         tx.upstream_ms += (time.perf_counter() - start) * 1000
+        await self.runtime.settle(tx, sent=upstream_reply.positive)
         reply = upstream_reply.render()
         action = (
             "accept"
@@ -817,6 +840,7 @@ class GateSession(SMTP):
             "rcpts": tx.rcpts,
             **({"rcpts_unlogged": tx.rcpts_unlogged} if tx.rcpts_unlogged else {}),
             "size": size,
+            **({"campaign": tx.campaign} if tx.campaign else {}),
             "decision": action,
             "rule": rule,
             "reply": reply.split("\r\n")[-1][:300],
@@ -926,6 +950,10 @@ class GateSession(SMTP):
             await self.push("421 4.7.0 Too many failed authentication attempts")
             return
         await self.push("535 5.7.8 Authentication credentials invalid")
+
+
+def _found_refusal(decision: Decision) -> bool:
+    return not isinstance(decision.found, Accept)
 
 
 def _reply_of(text: str) -> UpstreamReply:

@@ -1,0 +1,486 @@
+"""Text normalization for fingerprints: undo personalization and evasion, then split into words.
+
+Responsible for: turning the visible text of a message into the token sequence that fingerprints
+are computed from, so that copies of one message that differ only in personalization or in
+cosmetic tricks give the same tokens.  In order:
+
+1. Unicode: typographic punctuation and exotic spaces become spaces; invisible characters
+   (format characters such as zero-width spaces and joiners, the soft hyphen, bidi controls,
+   variation selectors, Hangul fillers) are removed; NFKD, then combining diacritical marks are
+   dropped (``Víagra`` is ``Viagra``); common Cyrillic, Greek and Armenian lookalikes are mapped
+   to the Latin letters they imitate; case folding; NFKC.
+2. Placeholders: a URL becomes one token naming its host and path *shape* (query and fragment
+   dropped, path segments and host labels that look per-recipient -- containing a digit, 24+
+   characters long, or one of the recipient's names -- become ``X``), for example
+   ``URL_shop_example_u_X``; an e-mail address becomes ``EMAIL``; any word containing a digit
+   (numbers, prices, dates, times, order numbers, random hash-buster tokens) becomes ``NUM``,
+   which is ``"0"``.  Digit groups joined by ``. , : / -`` count as one word, and so does a
+   hyphenated code with a digit in it (``03mq-eqes``).
+3. Words: maximal runs of word characters; whitespace is collapsed by construction.  For
+   fingerprints (:func:`words_and_links`) URLs are returned apart, and ``BREAK`` can mark the
+   end of each sentence.
+4. Personalization: words naming the recipient (from :func:`recipient_terms`) are removed.
+
+Only the first ``MAX_CHARS`` characters of a text are read.  Mostly-Latin text, the common
+case, is cleaned character by character and tokenized with whole-text byte operations
+(``bytes.translate``, ``replace``, ``split``); the result is the same as the general path's.
+Placeholders cannot collide with words: ``EMAIL`` and ``URL_...`` are upper case, which folded
+text never is, and every other word containing a digit is ``0`` itself.
+Must never: raise on any ``str`` (including lone surrogates), do I/O, or depend on the locale,
+the process or the clock; its output for a given input is fixed for a given Python/Unicode
+version.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
+from functools import lru_cache
+from itertools import filterfalse
+
+NUM = "0"
+EMAIL = "EMAIL"
+URL_PREFIX = "URL_"
+# Marks the end of a sentence in :func:`words_and_links` output (never a word).
+BREAK = b"\x01"
+
+# Text beyond this many characters is ignored (bounds time and memory on huge bodies).
+MAX_CHARS = 200_000
+# A URL's path shape keeps at most this many segments.
+MAX_URL_SEGMENTS = 4
+# A URL path segment or host label this long is taken for a token even without digits.
+TOKENISH_LENGTH = 24
+# Parsed URLs are cached (campaigns repeat their links); the cache only saves time.
+_URL_CACHE: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {}
+_URL_CACHE_LIMIT = 1 << 14
+
+# Format characters (Unicode category Cf, as of Unicode 15) and other characters that render as
+# nothing: combining grapheme joiner, Hangul fillers, Mongolian/Khmer invisibles, variation
+# selectors, tag characters.  Removed outright, so they cannot split or pad words.
+_INVISIBLE = (
+    "\u00ad\u034f\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u115f\u1160\u17b4\u17b5"
+    "\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0"
+    "\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3"
+    "\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f\U000e0100-\U000e01ef"
+)
+_INVISIBLE_RE = re.compile(f"[{_INVISIBLE}]+")
+
+# Combining marks used for diacritics and for "Zalgo" obfuscation; dropped after NFKD.
+_MARKS = (
+    "\u0300-\u036f\u0483-\u0489\u0591-\u05c7\u064b-\u065f\u0670"
+    "\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"
+)
+_MARKS_RE = re.compile(f"[{_MARKS}]+")
+
+# Punctuation, symbols and spaces that are word separators whatever the Unicode processing
+# does to them (no word characters and no invisibles in their NFKD form).  Replacing them by a
+# space first lets most Western text take the fast ASCII path; the tests check the premise.
+_SEPARATORS = (
+    "\u00a0-\u00a7\u00a9\u00ab\u00ac\u00ae\u00b0\u00b1\u00b6\u00b7\u00bb\u00bf\u00d7\u00f7"
+    "\u2000-\u200a\u2010-\u2027\u202f\u2030-\u203e\u205f\u20a0-\u20a7\u20a9-\u20c0\u2190-\u21ff"
+    "\u2212\u2500-\u2775\u2794-\u27bf\u3000\U0001f300-\U0001faff"
+)
+_SEPARATORS_RE = re.compile(f"[{_SEPARATORS}]")
+
+# Lookalikes, applied after NFKD and before case folding (so upper and lower case map to what
+# each resembles: Greek capital eta is H, small eta is n).  Escaped: the point is that they
+# look like Latin letters.
+_HOMOGLYPH_SOURCE = (
+    # Cyrillic capitals: ABEKMHOPCTYXSIJQWHDIYb
+    "\u0410\u0412\u0415\u041a\u041c\u041d\u041e\u0420\u0421\u0422\u0423\u0425\u0405\u0406"
+    "\u0408\u051a\u051c\u04ba\u0500\u04c0\u04ae\u042c"
+    # Cyrillic smalls: aeopcyxsijqwhdlybk
+    "\u0430\u0435\u043e\u0440\u0441\u0443\u0445\u0455\u0456\u0458\u051b\u051d\u04bb\u0501"
+    "\u04cf\u04af\u044c\u043a"
+    # Greek capitals: ABEZHIKMNOPTYXCJ
+    "\u0391\u0392\u0395\u0396\u0397\u0399\u039a\u039c\u039d\u039f\u03a1\u03a4\u03a5\u03a7"
+    "\u03f9\u037f"
+    # Greek smalls: aeikvopuxyncj
+    "\u03b1\u03b5\u03b9\u03ba\u03bd\u03bf\u03c1\u03c5\u03c7\u03b3\u03b7\u03f2\u03f3"
+    # Latin and Armenian oddities: ijagionu
+    "\u0131\u0237\u0251\u0261\u0269\u0585\u0578\u057d"
+)
+_HOMOGLYPH_TARGET = "ABEKMHOPCTYXSIJQWHDIYbaeopcyxsijqwhdlybkABEZHIKMNOPTYXCJaeikvopuxyncjijagionu"
+_HOMOGLYPHS = str.maketrans(_HOMOGLYPH_SOURCE, _HOMOGLYPH_TARGET)
+
+# URLs are found from their literal part ("://" or "www."), which the regex engine finds at C
+# speed; a pattern starting with an alternation or a lookbehind is tried at every position.
+_URL_CHARS = r"[^\s<>\"'`{}|\\^\[\]]"
+_AFTER_SCHEME_RE = re.compile(f"://{_URL_CHARS}+")
+_WWW_RE = re.compile(rf"www\.{_URL_CHARS}+")
+_SCHEMES = ("https", "http", "ftp")
+_URL_PARTS_RE = re.compile(r"(?:[a-z][a-z0-9+.\-]*://)?([^/?#]*)([^?#]*)")
+_URL_TRAILING = ".,;:!?)(*'\"-"
+_EMAIL_DOMAIN_RE = re.compile(r"@[\w\-]{1,63}(?:\.[\w\-]{1,63})+")
+_EMAIL_LOCAL_RE = re.compile(r"[\w.+\-]{1,64}\Z")
+_LOOSE_EMAIL_RE = re.compile(r"([^\s<>@\"',;:()]{1,64})@[^\s<>@\"',;:()]+")
+_DIGIT_RE = re.compile(r"\d")
+# A sentence ends at ".", "!" or "?" followed by white space (not in "os.path" or "e.g").
+_SENTENCE_END_RE = re.compile(r"[.!?](?=\s)")
+
+_NUM_JOIN_RE = re.compile(r"(\d)[.,:/\-](?=\d)")
+_NONWORD_RE = re.compile(r"\W+")
+_WORD_RE = re.compile(r"\w+")
+_WORD_OR_BREAK_RE = re.compile(r"\w+(?:-\w+)*|\x01")
+_LOCAL_SPLIT_RE = re.compile(r"[._+\-=\d]+")
+
+_B_DIGIT_RE = re.compile(rb"\d")
+_B_WORD = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+_B_DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= c <= 0x39 else c for c in range(256))
+# In the all-digits-are-0 copy: a separator between two digits goes (``1.5``, ``12:30``).
+_B_ZERO_JOINT_RE = re.compile(rb"0[.,:/\-](?=0)")
+# From a word's first 0 to its end; run forwards, then on the reversed bytes, it leaves "0"
+# of every word with a digit.  Both start with a literal, which the engine finds fast.
+_B_ZERO_TAIL_RE = re.compile(rb"0[^ ]+")
+_B_URL_PREFIX = URL_PREFIX.encode()
+_SENTENCE_MARK = 0x03  # ".", "!", "?" become this in translate; before a space, a BREAK
+
+
+def _separating_table(breaks: bool, hyphens: bool) -> bytes:
+    """bytes.translate table: ASCII that is not a word character becomes a space, except
+    BREAK (kept), sentence punctuation (with ``breaks``) and the hyphen (with ``hyphens``,
+    as 0x02: a hyphenated code with a digit stays one word)."""
+    table = bytearray(c if c in _B_WORD or c >= 0x80 else 0x20 for c in range(256))
+    table[0x01] = 0x01
+    if breaks:
+        for end in b".!?":
+            table[end] = _SENTENCE_MARK
+    if hyphens:
+        table[ord("-")] = 0x02
+    return bytes(table)
+
+
+_B_SEPARATE = {(b, h): _separating_table(b, h) for b in (False, True) for h in (False, True)}
+
+# Words never taken for a recipient's name (common words and role mailboxes), so that mail to
+# "will@..." or "info@..." keeps its ordinary words.
+_NOT_NAMES_TEXT = """a an and are at be bill but by can dear do for from grace have hello hi
+    hope i in info is it june mark may me my news no not of on or our rose sales service support
+    team the to us we will with you your admin contact customer customers mail office noreply
+    reply hr billing newsletter account accounts help hey all"""
+_NOT_NAMES = frozenset(_NOT_NAMES_TEXT.split())
+
+
+def _expand(ranges: str) -> frozenset[str]:
+    """The characters of a regex character-class body made of single characters and ranges."""
+    chars: set[str] = set()
+    index = 0
+    while index < len(ranges):
+        if index + 2 < len(ranges) and ranges[index + 1] == "-":
+            chars.update(map(chr, range(ord(ranges[index]), ord(ranges[index + 2]) + 1)))
+            index += 3
+        else:
+            chars.add(ranges[index])
+            index += 1
+    return frozenset(chars)
+
+
+_SEPARATOR_CHARS = _expand(_SEPARATORS)
+_INVISIBLE_CHARS = _expand(_INVISIBLE)
+_MARK_CHARS = _expand(_MARKS)
+_HOMOGLYPH_CHARS = frozenset(_HOMOGLYPH_SOURCE)
+_ASCII_BYTES = bytes(range(128))
+
+
+def _non_ascii(text: str) -> set[str]:
+    """The distinct non-ASCII characters of ``text`` (C speed: drop ASCII bytes, decode)."""
+    encoded = text.encode("utf-8", "surrogatepass").translate(None, _ASCII_BYTES)
+    return set(encoded.decode("utf-8", "surrogatepass"))
+
+
+@lru_cache(maxsize=4096)
+def _alone(char: str) -> str | None:
+    """What cleaning makes of ``char`` in any text, when that is ASCII; else None.
+
+    Characters that combine with their neighbours (marks) are never handled alone.
+    """
+    if unicodedata.combining(char) or unicodedata.category(char)[0] == "M":
+        return None
+    cleaned = reference_clean(char)
+    return cleaned if cleaned.isascii() else None
+
+
+def clean(text: str) -> str:
+    """Unicode-level cleanup (step 1 of the module docstring); no placeholders, no splitting.
+
+    Mostly-Latin text is cleaned character by character (one C-speed replace per distinct
+    non-ASCII character); other text runs each step only when a character it affects is
+    present.  Either way the result is that of :func:`reference_clean` (the tests check this).
+    """
+    if text.isascii():
+        return text.lower()
+    present = _non_ascii(text)
+    replacements = [(char, _alone(char)) for char in present]
+    if all(replacement is not None for _, replacement in replacements):
+        for char, replacement in replacements:
+            text = text.replace(char, replacement)  # type: ignore[arg-type]  # not None
+        return text.lower()
+    separators = present & _SEPARATOR_CHARS
+    for char in separators:
+        text = text.replace(char, " ")
+    present -= separators
+    if not present.isdisjoint(_INVISIBLE_CHARS):
+        text = _INVISIBLE_RE.sub("", text)
+    joined = "".join(present)
+    if not unicodedata.is_normalized("NFKD", joined):
+        text = unicodedata.normalize("NFKD", text)
+        present = set(unicodedata.normalize("NFKD", joined))
+    if not present.isdisjoint(_MARK_CHARS):
+        text = _MARKS_RE.sub("", text)
+    if not present.isdisjoint(_HOMOGLYPH_CHARS):
+        text = text.translate(_HOMOGLYPHS)
+    text = text.casefold()
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", text)
+    return text
+
+
+def reference_clean(text: str) -> str:
+    """:func:`clean` without its shortcuts: every step on the whole text (for tests)."""
+    text = _SEPARATORS_RE.sub(" ", text)
+    text = _INVISIBLE_RE.sub("", text)
+    text = unicodedata.normalize("NFKD", text)
+    text = _MARKS_RE.sub("", text)
+    text = text.translate(_HOMOGLYPHS)
+    return unicodedata.normalize("NFKC", text.casefold())
+
+
+def _tokenish(part: str) -> bool:
+    return len(part) >= TOKENISH_LENGTH or _DIGIT_RE.search(part) is not None
+
+
+def _url_parts(url: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Host labels and path segments of a URL, per-recipient-looking ones already ``X``."""
+    url = url.rstrip(_URL_TRAILING)
+    match = _URL_PARTS_RE.match(url)
+    assert match is not None  # every part of the pattern is optional
+    host, path = match.group(1), match.group(2)
+    if "@" in host:
+        host = host.rpartition("@")[2]
+    host = "X" if host.startswith("[") else host.partition(":")[0].strip(".")
+    if host.startswith("www."):
+        host = host[4:]
+    labels = tuple("X" if _tokenish(x) else x for x in host.split(".") if x)
+    segments = tuple(x for x in path.split("/") if x)[:MAX_URL_SEGMENTS]
+    return labels, tuple("X" if _tokenish(x) else x for x in segments)
+
+
+def _cached_url_parts(url: str) -> tuple[tuple[str, ...], tuple[str, ...], str]:
+    """``_url_parts`` and the token they make (without exclusions), cached."""
+    # Keyed without query and fragment, which are dropped anyway and hold most of the
+    # per-recipient tokens, so that a campaign's links mostly hit.
+    key = url.partition("?")[0].partition("#")[0]
+    found = _URL_CACHE.get(key)
+    if found is None:
+        if len(_URL_CACHE) > _URL_CACHE_LIMIT:
+            _URL_CACHE.clear()
+        labels, segments = _url_parts(key)
+        token = URL_PREFIX + _NONWORD_RE.sub("_", _join_shape(labels, segments))
+        found = _URL_CACHE[key] = (labels, segments, token)
+    return found
+
+
+def _join_shape(labels: tuple[str, ...], segments: tuple[str, ...]) -> str:
+    host = ".".join(labels)
+    return f"{host}/{'/'.join(segments)}" if segments else host
+
+
+def url_shape(url: str, exclude: AbstractSet[str] = frozenset()) -> str:
+    """A URL reduced to ``host/segment/...``: per-recipient parts are ``X`` (module docstring).
+
+    Expects cleaned (case-folded) text; ``www.`` and any port, user info, query and fragment are
+    dropped, at most ``MAX_URL_SEGMENTS`` path segments are kept.
+    """
+    labels, segments, _ = _cached_url_parts(url)
+    if exclude:
+        labels = tuple("X" if x in exclude else x for x in labels)
+        segments = tuple("X" if x in exclude else x for x in segments)
+    return _join_shape(labels, segments)
+
+
+def url_token(url: str, exclude: AbstractSet[str] = frozenset()) -> str:
+    """The single word a URL becomes: ``URL_`` and its shape with separators as ``_``."""
+    labels, segments, token = _cached_url_parts(url)
+    if exclude and not (exclude.isdisjoint(labels) and exclude.isdisjoint(segments)):
+        return URL_PREFIX + _NONWORD_RE.sub("_", url_shape(url, exclude))
+    return token
+
+
+def _replace_urls(text: str, exclude: AbstractSet[str], sink: list[str] | None) -> str:
+    """URLs replaced by their tokens, or (with a ``sink``) by spaces and their tokens collected."""
+    spans: list[tuple[int, int]] = []
+    if "://" in text:
+        for match in _AFTER_SCHEME_RE.finditer(text):
+            colon = match.start()
+            for scheme in _SCHEMES:
+                start = colon - len(scheme)
+                if start >= 0 and text.startswith(scheme, start):
+                    spans.append((start, match.end()))
+                    break
+    if "www." in text:
+        for match in _WWW_RE.finditer(text):
+            start = match.start()
+            if start == 0 or not (text[start - 1].isalnum() or text[start - 1] in "./_-@"):
+                spans.append((start, match.end()))
+    if not spans:
+        return text
+    spans.sort()
+    pieces: list[str] = []
+    done = 0
+    for start, end in spans:
+        if start < done:
+            continue
+        pieces.append(text[done:start])
+        token = url_token(text[start:end], exclude)
+        if sink is None:
+            pieces.append(f" {token} ")
+        else:
+            sink.append(token)
+            pieces.append(" ")
+        done = end
+    pieces.append(text[done:])
+    return "".join(pieces)
+
+
+def _replace_emails(text: str) -> str:
+    pieces: list[str] = []
+    done = 0
+    for match in _EMAIL_DOMAIN_RE.finditer(text):
+        at = match.start()
+        if at < done:
+            continue
+        local = _EMAIL_LOCAL_RE.search(text, max(done, at - 64), at)
+        if local is None:
+            continue
+        pieces.append(text[done : local.start()])
+        pieces.append(f" {EMAIL} ")
+        done = match.end()
+    if not pieces:
+        return text
+    pieces.append(text[done:])
+    return "".join(pieces)
+
+
+def _special_str(word: str) -> str:
+    if word.startswith(URL_PREFIX):
+        return word
+    if _DIGIT_RE.search(word):
+        return NUM
+    return word.replace("-", " ")
+
+
+def _words(
+    text: str, exclude: AbstractSet[bytes], links: list[str] | None, breaks: bool
+) -> list[bytes]:
+    if len(text) > MAX_CHARS:
+        text = text[:MAX_CHARS]
+    if "\x01" in text:  # BREAK is ours
+        text = text.replace("\x01", " ")
+    text = clean(text)
+    if "://" in text or "www." in text:
+        names = {x.decode("utf-8", "surrogatepass") for x in exclude} if exclude else frozenset()
+        text = _replace_urls(text, names, links)
+    if "@" in text:
+        text = _replace_emails(text)
+    if not text.isascii():
+        return _unicode_words(text, exclude, breaks)
+    # ASCII: whole-text byte operations (translate, replace, two regex passes with literal
+    # starts) rather than a Python step per word.
+    data = text.encode("ascii")
+    digits = data.translate(_B_DIGITS_AS_ZERO)
+    has_digits = digits != data
+    if has_digits:  # a word with a digit is NUM whatever its digits: work on the 0 copy
+        data = _B_ZERO_JOINT_RE.sub(b"0", digits)
+    spaced = b" " + data.translate(_B_SEPARATE[breaks, has_digits]) + b" "
+    if breaks and b"\x03" in spaced:
+        spaced = spaced.replace(b"\x03 ", b" \x01 ")  # ends a sentence
+        if b"\x03" in spaced:  # inside a word: os.path, e.g
+            spaced = spaced.replace(b"\x03", b" ")
+    if has_digits:
+        spaced = _B_ZERO_TAIL_RE.sub(b"0", spaced)
+        spaced = _B_ZERO_TAIL_RE.sub(b"0", spaced[::-1])[::-1]
+        if b"\x02" in spaced:  # hyphens of words without digits separate after all
+            spaced = spaced.replace(b"\x02", b" ")
+    for name in exclude:  # a few C-speed replaces instead of a test per word
+        needle = b" " + name + b" "
+        while needle in spaced:
+            spaced = spaced.replace(needle, b" ")
+    return spaced.split()
+
+
+def _unicode_words(text: str, exclude: AbstractSet[bytes], breaks: bool) -> list[bytes]:
+    """:func:`_words` for text that is still not ASCII after cleaning (the same rules)."""
+    if _DIGIT_RE.search(text):
+        text = "".join(_NUM_JOIN_RE.split(text))
+    if breaks:
+        text = _SENTENCE_END_RE.sub(" \x01 ", text)
+    found = _WORD_OR_BREAK_RE.findall(text)
+    found = [w if w.isalpha() else _special_str(w) for w in found]
+    words = " ".join(found).encode("utf-8", "surrogatepass").split()
+    if exclude:
+        words = list(filterfalse(exclude.__contains__, words))
+    return words
+
+
+def encoded_tokens(text: str, exclude: AbstractSet[bytes] = frozenset()) -> list[bytes]:
+    """The normalized words of ``text`` as UTF-8 ``bytes``, URL tokens in place.
+
+    ``exclude`` holds UTF-8 encoded words to drop (see :func:`recipient_terms`).
+    """
+    return _words(text, exclude, None, False)
+
+
+def words_and_links(
+    text: str, exclude: AbstractSet[bytes] = frozenset(), *, breaks: bool = False
+) -> tuple[list[bytes], list[bytes]]:
+    """The normalized words of ``text`` without URLs, and the URL tokens, as UTF-8 ``bytes``.
+
+    Fingerprints take links apart from the running text so that where a link stands (a bare
+    URL after its label in plain text, the label of an anchor in HTML) does not matter.  With
+    ``breaks``, ``BREAK`` stands where a sentence ends (``.``, ``!`` or ``?`` before white
+    space), so that shingles can stay inside sentences.  (Not at line or block ends: plain
+    text wraps lines where HTML has none, and HTML has blocks where plain text has single line
+    breaks.)
+    """
+    links: list[str] = []
+    words = _words(text, exclude, links, breaks)
+    return words, [link.encode("utf-8", "surrogatepass") for link in links]
+
+
+def encode_terms(terms: Iterable[str]) -> frozenset[bytes]:
+    """Words as :func:`encoded_tokens` compares them (UTF-8 bytes)."""
+    return frozenset(t.encode("utf-8", "surrogatepass") for t in terms)
+
+
+def tokens(text: str, exclude: Iterable[str] = ()) -> list[str]:
+    """The normalized words of ``text``; words in ``exclude`` (already normalized) dropped."""
+    encoded = encoded_tokens(text, encode_terms(exclude))
+    return [w.decode("utf-8", "surrogatepass") for w in encoded]
+
+
+def normalize_text(text: str, exclude: Iterable[str] = ()) -> str:
+    """The normalized words of ``text`` joined by single spaces."""
+    return " ".join(tokens(text, exclude))
+
+
+def recipient_terms(recipients: Iterable[str]) -> frozenset[str]:
+    """The words naming recipients, to remove from their copies of a message.
+
+    Each item is free text: an address (``john.smith@example.com``), a display name
+    (``John Smith``) or both (``"Smith, John" <js@example.com>``).  The result holds the
+    normalized words of names, and whole local parts and their pieces (split at ``. _ + - =``
+    and digits), two letters or longer, alphabetic, and not common words or role mailboxes.
+    """
+    terms: set[str] = set()
+    for item in dict.fromkeys(recipients):  # To and the envelope often repeat an address
+        text = clean(item[:1000])
+        candidates: list[str] = []
+        for match in _LOOSE_EMAIL_RE.finditer(text):
+            local = match.group(1)
+            candidates.append(local)
+            candidates.extend(_LOCAL_SPLIT_RE.split(local))
+        candidates.extend(_WORD_RE.findall(_LOOSE_EMAIL_RE.sub(" ", text)))
+        terms.update(w for w in candidates if len(w) >= 2 and w.isalpha() and w not in _NOT_NAMES)
+    return frozenset(terms)

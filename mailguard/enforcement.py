@@ -1,0 +1,158 @@
+"""The AUP's e-mail rules at end of DATA: the async steps between the pure core and the store.
+
+Responsible for: one message's way through the rules, for every door (the gate now, the milter
+later): fingerprint the message (pure), assign its campaign (one atomic script), look up opt-in
+records when the sender is a designated list server (one HMGET), reserve the message in the
+campaign's counters (one atomic script, all or nothing), and let the pure core decide.  The
+door then settles the reservation: commit when the upstream accepted the message, release
+otherwise, so only what was sent counts.
+Must never: speak SMTP, decide policy itself (``mailguard.core`` does), or read the clock (``now``
+is passed in).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+
+from mailguard.config.schema import Customer, PolicyConfig
+from mailguard.core.fingerprint import fingerprint
+from mailguard.core.policy import Decision, Policy
+from mailguard.core.rules.campaign import (
+    CampaignCount,
+    RecipientCount,
+    SenderFacts,
+    excused,
+    has_one_click,
+)
+from mailguard.optin.store import OptInStore
+from mailguard.store.clustering import ClusterStore
+from mailguard.store.counting import CampaignCounter, CountingParams, Reservation, Verdict
+from mailguard.store.inspection import Inspection
+from mailguard.store.redis_store import RedisStore
+
+_HEADERS = BytesHeaderParser(policy=compat32)
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignDecision:
+    """The decision for one message, its campaign id, and the reservation to settle (if any)."""
+
+    decision: Decision
+    campaign: str
+    reservation: Reservation | None
+
+
+@dataclass(frozen=True, slots=True)
+class ListHeaders:
+    """The headers the bulk rules read (RFC 2919, RFC 2369, RFC 8058)."""
+
+    list_id: str
+    list_unsubscribe: bool
+    one_click: bool
+
+    @classmethod
+    def of(cls, message: bytes) -> ListHeaders:
+        end = message.find(b"\r\n\r\n")
+        head = message if end < 0 else message[: end + 2]
+        parsed = _HEADERS.parsebytes(head)
+        return cls(
+            str(parsed.get("List-Id", "") or ""),
+            bool(str(parsed.get("List-Unsubscribe", "") or "").strip()),
+            has_one_click([str(v) for v in parsed.get_all("List-Unsubscribe-Post", [])]),
+        )
+
+
+def unstuff(data: bytes) -> bytes:
+    """SMTP DATA as received (dot-stuffed, RFC 5321 4.5.2) to the message itself."""
+    body = data.replace(b"\r\n..", b"\r\n.")
+    return body[1:] if body.startswith(b"..") else body
+
+
+class CampaignEnforcer:
+    """Runs the AUP's e-mail rules for one message against the shared store."""
+
+    def __init__(self, store: RedisStore, policy_config: PolicyConfig, window: float) -> None:
+        """``window``: how long a campaign is remembered after its last message (seconds): the
+        longest bulk or mail-bomb window of any customer."""
+        self.clusters = ClusterStore(store, window)
+        self.counter = CampaignCounter(store)
+        self.optin = OptInStore(store)
+        self.inspection = Inspection(store)
+        self.policy_config = policy_config
+
+    async def decide(
+        self,
+        policy: Policy,
+        customer: Customer,
+        client_ip: str,
+        mail_from: str,
+        recipients: Sequence[str],
+        message: bytes,
+        now: float,
+        reservation_id: str,
+    ) -> CampaignDecision:
+        """Decide ``message`` (the message itself, not dot-stuffed) to ``recipients``.
+
+        When the result is not refused the caller must settle ``reservation``: commit once the
+        upstream accepted the message, release otherwise.  Raises ``StoreError``.
+        """
+        limits = customer.limits(self.policy_config)
+        campaign = await self.clusters.assign(customer.id, fingerprint(message, recipients), now)
+        headers = ListHeaders.of(message)
+        designated = customer.bulk_sender or _in_networks(client_ip, customer)
+        transactional = mail_from.lower() in {s.lower() for s in customer.transactional_senders}
+        if designated and not transactional:
+            optin = tuple(await self.optin.has_confirmed(customer.id, headers.list_id, recipients))
+        else:
+            optin = tuple(False for _ in recipients)
+        sender = SenderFacts(
+            designated, transactional, optin, headers.list_unsubscribe, headers.one_click
+        )
+        params = CountingParams(
+            bulk_recipients=limits.bulk_recipients,
+            bulk_window=limits.bulk_window,
+            mailbomb_messages=limits.mailbomb_messages,
+            mailbomb_window=limits.mailbomb_window,
+        )
+        result = await self.counter.reserve(
+            customer.id,
+            campaign,
+            recipients,
+            now,
+            params=params,
+            excused=excused(sender),
+            reservation_id=reservation_id,
+        )
+        count = CampaignCount(
+            campaign,
+            result.distinct,
+            result.bulk,
+            tuple(
+                RecipientCount(r.recipient, r.verdict is Verdict.BULK, r.mailbomb_count)
+                for r in result.recipients
+            ),
+        )
+        decision = policy.campaign(limits, count, sender)
+        reservation = result.reservation
+        if decision.refused and reservation is not None:
+            await self.counter.release(reservation, now)  # e.g. hygiene refused a bulk message
+            reservation = None
+        return CampaignDecision(decision, campaign, reservation)
+
+    async def settle(self, reservation: Reservation, *, sent: bool, now: float) -> None:
+        """Count the message if the upstream accepted it, forget it otherwise."""
+        await self.counter.settle(reservation, commit=sent, now=now)
+
+
+def _in_networks(client_ip: str, customer: Customer) -> bool:
+    if not customer.bulk_networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return False
+    return any(ip.version == n.version and ip in n for n in customer.bulk_networks)

@@ -1,0 +1,174 @@
+"""Online clustering of messages into campaigns in the store (issue 3, item 4).
+
+Responsible for: :class:`ClusterStore`, which assigns each message of a customer a cluster
+("campaign") id with exactly the algorithm of :class:`mailguard.core.fingerprint.ClusterIndex`
+(whose module docstring is normative: votes from LSH buckets, candidates verified against each
+cluster's founding fingerprint, the documented tie-breaks), run as ONE Lua script
+(``lua/cluster_assign.lua``) so that assignment is atomic: two gates that see the first two
+copies of a new campaign at the same moment cannot found two clusters.
+Must never: read a clock (``now`` comes in, and the script never calls TIME), decide policy, or
+let a Redis exception escape (``RedisStore._run`` turns every failure into ``StoreError``).
+
+* **Similarity in Lua.**  The script counts equal lanes exactly as ``sketch.similarity`` does
+  (equal 16-bit lanes of two sketches; 128 or 0 for exact digests; 0 across kinds) and compares
+  the count with :func:`lanes_needed` ``(threshold)``, an integer, so no float is compared in Lua
+  that Python would compare differently: ``equal >= lanes_needed(t)`` iff ``equal / 128 >= t``.
+* **Ids.**  A founded cluster's id is ``new_cluster_id(fp, now)``, computed here and passed in;
+  the script uses it only if it founds.
+* **Bounded memory.**  Every call deletes up to ``purge`` (16) dead clusters, oldest first, so
+  their records cannot pile up: a call founds at most one.  Buckets are rewritten without dead
+  ids whenever a cluster is founded in them and expire ``window`` after their last write, like
+  every key the script writes (``PEXPIRE``, a real-time safety net; the logical expiry is the
+  ``touched`` / ``last_seen`` time stored in the value, on the caller's clock).  Deleting dead
+  state never changes a result as long as ``now`` does not go backwards by more than the
+  distance to the window's edge (the gates' clocks agree to far better than ``window``).
+* **Replays.**  Running the same call twice (a retry after a lost reply) returns the same id:
+  the second run matches the cluster the first one founded or joined.
+* **Keys** (one customer's keys share the hash tag ``{customer}``, so the script runs unchanged on
+  Redis Cluster; every key it touches is in its KEYS)::
+
+      {prefix}:{{customer}}:cust:cl:rec          HASH id -> '>dd' (created, last_seen) + rep bytes
+      {prefix}:{{customer}}:cust:cl:seen         ZSET id -> last_seen (finds dead clusters)
+      {prefix}:{{customer}}:cust:cl:b:{band}     STRING '>d' touched + ids (16 chars, MRU first)
+
+  ``{band}`` is a band key of ``sketch.band_keys``: 18 hex digits, or ``x`` and 16 for an exact
+  fingerprint.  A cluster costs one record (~300 bytes) and up to 32 bucket entries.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from redis.commands.core import AsyncScript
+
+from mailguard.core.fingerprint.cluster import BUCKET_CAP, MAX_CANDIDATES
+from mailguard.core.fingerprint.sketch import (
+    LANES,
+    SIMILARITY_THRESHOLD,
+    Fingerprint,
+    band_keys,
+    new_cluster_id,
+)
+from mailguard.store.redis_store import RedisStore, lua_script
+
+CLUSTERS = "cl"
+PURGE_PER_CALL = 16
+MAX_PURGE = 1000  # the script unpacks the deleted ids onto Lua's stack
+_ID = re.compile(r"^[0-9a-f]{16}$")
+
+
+def lanes_needed(threshold: float) -> int:
+    """The fewest equal lanes (of ``LANES``) with ``similarity >= threshold``; ``LANES + 1``: none.
+
+    ``threshold * LANES`` is exact (``LANES`` is a power of two), so ``ceil`` of it is the exact
+    boundary: for every count ``c`` in ``0..LANES``,
+    ``c >= lanes_needed(t)`` iff ``c / LANES >= t``.
+    """
+    threshold = float(threshold)
+    if math.isnan(threshold):
+        raise ValueError("threshold must be a number, not nan")
+    if threshold > 1:
+        return LANES + 1
+    if threshold <= 0:
+        return 0
+    return math.ceil(threshold * LANES)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterKeys:
+    """The keys of one customer's clusters (see the layout in the module docstring)."""
+
+    records: str
+    seen: str
+    bucket_prefix: str  # + a band key = that bucket
+
+    @classmethod
+    def of(cls, store: RedisStore, customer: str) -> ClusterKeys:
+        """``ValueError`` if ``customer`` is empty."""
+        key = store.keys.customer_key
+        # Band keys are hex digits (and 'x'): nothing in them is escaped, so appending them to
+        # the prefix gives customer_key(customer, "cl", "b", band) without escaping 32 times.
+        return cls(
+            key(customer, CLUSTERS, "rec"),
+            key(customer, CLUSTERS, "seen"),
+            key(customer, CLUSTERS, "b") + ":",
+        )
+
+    def bucket(self, band: str) -> str:
+        return self.bucket_prefix + band
+
+    def script_keys(self, fp: Fingerprint) -> list[str]:
+        """KEYS of the script: records, seen, then one bucket per band key of ``fp``."""
+        prefix = self.bucket_prefix
+        return [self.records, self.seen, *[prefix + band for band in band_keys(fp)]]
+
+
+def _num(name: str, value: float) -> str:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, not {value!r}")
+    return repr(value)  # shortest text that round-trips: Lua's tonumber reads the same double
+
+
+class ClusterStore:
+    """Per-customer online clustering on a ``RedisStore`` (see the module docstring).
+
+    ``window`` (seconds, > 0): a cluster is alive while ``now - last_seen <= window``, i.e. it
+    takes in similar messages until it has been silent for longer than the window; keys expire
+    ``window`` after their last write.  ``bucket_cap``, ``max_candidates`` and ``threshold`` are
+    those of ``ClusterIndex``; ``purge`` bounds how many dead clusters one call deletes.
+    """
+
+    def __init__(
+        self,
+        store: RedisStore,
+        window: float,
+        *,
+        bucket_cap: int = BUCKET_CAP,
+        max_candidates: int = MAX_CANDIDATES,
+        threshold: float = SIMILARITY_THRESHOLD,
+        purge: int = PURGE_PER_CALL,
+    ) -> None:
+        """``ValueError`` for a window that is not positive and finite, or bad limits."""
+        window = float(window)
+        if not (math.isfinite(window) and window > 0):
+            raise ValueError(f"window must be a positive number of seconds, not {window!r}")
+        for name, value, low, high in (
+            ("bucket_cap", bucket_cap, 1, 1000),
+            ("max_candidates", max_candidates, 1, 1000),
+            ("purge", purge, 0, MAX_PURGE),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{name} must be an integer in {low}..{high}, not {value!r}")
+        self.store = store
+        self.window = window
+        self.bucket_cap = bucket_cap
+        self.max_candidates = max_candidates
+        self.threshold = float(threshold)
+        self.purge = purge
+        self._need = str(lanes_needed(threshold))
+        self._fixed = [_num("window", window)]
+        self._limits = [str(bucket_cap), str(max_candidates), str(purge)]
+        self._assign: AsyncScript = store._redis.register_script(lua_script("cluster_assign"))
+
+    def keys(self, customer: str) -> ClusterKeys:
+        return ClusterKeys.of(self.store, customer)
+
+    async def assign(self, customer: str, fp: Fingerprint, now: float) -> str:
+        """The cluster id of ``customer``'s message with fingerprint ``fp`` arriving at ``now``.
+
+        ``ValueError`` for an empty customer or a non-finite ``now``; ``StoreError`` if the store
+        fails (nothing is assigned then).
+        """
+        now_s = _num("now", now)
+        new_id = new_cluster_id(fp, float(now))
+        if not _ID.match(new_id):  # the script stores ids at a fixed width
+            raise ValueError(f"unexpected cluster id format {new_id!r}")
+        keys = ClusterKeys.of(self.store, customer).script_keys(fp)
+        args: list[str | bytes] = [now_s, *self._fixed, fp.to_bytes(), self._need, new_id]
+        args += self._limits
+        raw = await self.store._run("cluster_assign", lambda: self._assign(keys=keys, args=args))
+        cluster_id = raw[0]
+        return cluster_id.decode("ascii") if isinstance(cluster_id, bytes) else str(cluster_id)

@@ -1,0 +1,183 @@
+"""Fingerprints: kinds, serialized form, similarity, band keys, stability."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mailguard.core.fingerprint import sketch
+from mailguard.core.fingerprint.sketch import (
+    LANES,
+    SIMILARITY_THRESHOLD,
+    Fingerprint,
+    band_keys,
+    feature_value,
+    fingerprint,
+    new_cluster_id,
+    shingle_values,
+    similarity,
+)
+from tests.core.fingerprint.messages import PARAGRAPHS, Letter, campaign_letter, render
+
+LONG = render(campaign_letter(PARAGRAPHS[:3], "John", "Smith", "tok8f3k2j9", 42), "alternative")
+
+
+def test_long_body_gives_a_small_sketch() -> None:
+    fp = fingerprint(LONG)
+    assert fp.kind == "sketch"
+    assert len(fp.lanes) == LANES
+    assert fp.words > 100
+    assert len(fp.to_bytes()) == 260
+
+
+def test_short_body_gives_an_exact_digest() -> None:
+    fp = fingerprint(b"Subject: lunch?\n\nAre you free at noon?\n")
+    assert fp.kind == "exact"
+    assert fp.lanes == ()
+    assert len(fp.to_bytes()) == 12
+    assert fp.words == 5
+
+
+def test_serialization_round_trip_and_validation() -> None:
+    for fp in (fingerprint(LONG), fingerprint(b"\n\nhi")):
+        assert Fingerprint.from_bytes(fp.to_bytes()) == fp
+    raw = fingerprint(LONG).to_bytes()
+    for bad in (b"", raw[:3], b"\x02" + raw[1:], raw[:1] + b"\x09" + raw[2:], raw[:-1]):
+        with pytest.raises(ValueError):
+            Fingerprint.from_bytes(bad)
+    with pytest.raises(ValueError):
+        Fingerprint("sketch", b"\x00" * 8)
+    with pytest.raises(ValueError):
+        Fingerprint("exact", b"\x00" * 8, words=70000)
+
+
+def test_pinned_values() -> None:
+    """Fingerprints are stored and compared across processes: they must never drift."""
+    fp = fingerprint(LONG)
+    assert sketch.word_hash(b"garden") == 0x0573329A489AFEEE
+    assert hashlib.sha256(fp.to_bytes()).hexdigest()[:24] == "8bff6eda299ee1c835356ab4"
+    assert new_cluster_id(fp, 1700000000.0) == new_cluster_id(fp, 1700000000.0)
+    code = (
+        "from mailguard.core.fingerprint import fingerprint;"
+        "from tests.core.fingerprint.test_sketch import LONG;"
+        "print(fingerprint(LONG).to_bytes().hex())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "12345", "PATH": ""},
+        cwd=str(__import__("pathlib").Path(__file__).parents[3]),
+    )
+    assert out.stdout.strip() == fp.to_bytes().hex()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, len(PARAGRAPHS) - 1), min_size=2, max_size=6))
+def test_caches_only_save_time(picks: list[int]) -> None:
+    letters = [
+        render(campaign_letter((PARAGRAPHS[i], PARAGRAPHS[-1 - i]), "Ann", "Lee", "t1", i), "html")
+        for i in picks
+    ]
+    warm = [fingerprint(message) for message in letters]
+    for cache in (sketch._WORD_HASHES, sketch._SENTENCES):
+        cache.clear()
+    cold = [fingerprint(message) for message in reversed(letters)]
+    assert warm == cold[::-1]
+
+
+def test_similarity_basics() -> None:
+    a = fingerprint(LONG)
+    b = fingerprint(render(campaign_letter(PARAGRAPHS[3:6], "John", "Smith", "t", 1), "text"))
+    short = fingerprint(b"\n\nhello there")
+    assert similarity(a, a) == 1.0
+    assert similarity(a, b) == similarity(b, a) < 0.3
+    assert similarity(a, short) == 0.0
+    assert similarity(short, short) == 1.0
+    assert similarity(short, fingerprint(b"\n\nhello here")) == 0.0
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(min_size=256, max_size=256), st.binary(min_size=256, max_size=256))
+def test_similarity_counts_equal_lanes(x: bytes, y: bytes) -> None:
+    a, b = Fingerprint("sketch", x), Fingerprint("sketch", y)
+    expected = sum(p == q for p, q in zip(a.lanes, b.lanes, strict=True)) / LANES
+    assert similarity(a, b) == expected
+
+
+def test_band_keys() -> None:
+    fp = fingerprint(LONG)
+    keys = band_keys(fp)
+    assert len(keys) == 32 and len(set(keys)) == 32
+    assert all(len(key) == 18 for key in keys)
+    assert keys[0] == "00" + fp.data[:8].hex() and keys[31][:2] == "1f"
+    exact = fingerprint(b"\n\nhi")
+    assert band_keys(exact) == ["x" + exact.data.hex()]
+
+
+def test_vectorized_shingles_match_the_scalar_definition() -> None:
+    # (Word hashes are BLAKE2b outputs; crafted extremes such as runs of 2**64 - 1 could carry
+    # from one lane into the next, which the scalar definition does not model.)
+    rng = random.Random(3)
+    hashes = [rng.getrandbits(64) for _ in range(300)] + [0] * 3
+    expected = [feature_value(hashes[i : i + 3]) for i in range(len(hashes) - 2)]
+    assert shingle_values(hashes) == expected
+    assert shingle_values(hashes[:2]) == []
+
+
+def test_estimate_tracks_jaccard_similarity() -> None:
+    rng = random.Random(11)
+    words = [f"w{rng.randrange(5000)}".encode() for _ in range(3000)]
+    errors = []
+    for _ in range(40):
+        start, size = rng.randrange(2000), rng.choice([40, 150, 600])
+        one = words[start : start + size]
+        two = list(one)
+        for _ in range(rng.randrange(size // 2)):
+            two[rng.randrange(size)] = b"x%d" % rng.randrange(10**6)
+        set_one, set_two = (
+            set(zip(one, one[1:], one[2:], strict=False)),
+            set(zip(two, two[1:], two[2:], strict=False)),
+        )
+        jaccard = len(set_one & set_two) / len(set_one | set_two)
+        lanes = [
+            sketch._lanes(sketch._packed_shingle_values(sketch._packed_hashes(w)))
+            for w in (one, two)
+        ]
+        estimate = similarity(Fingerprint("sketch", lanes[0]), Fingerprint("sketch", lanes[1]))
+        errors.append(estimate - jaccard)
+    assert abs(sum(errors) / len(errors)) < 0.03
+    assert max(map(abs, errors)) < 0.2
+
+
+def test_subject_links_and_attachments_take_part() -> None:
+    letter = campaign_letter(PARAGRAPHS[:2], "John", "Smith", "t", 1)
+    base = fingerprint(render(letter, "text"))
+    other_subject = fingerprint(render(Letter(**{**letter.__dict__, "subject": "Other"}), "text"))
+    other_links = fingerprint(
+        render(Letter(**{**letter.__dict__, "links": (("x", "https://other.example/"),)}), "text")
+    )
+    attached = fingerprint(render(letter, "mixed"))
+    for changed in (other_subject, other_links, attached):
+        assert SIMILARITY_THRESHOLD <= similarity(base, changed) < 1.0
+
+
+def test_short_messages_are_told_apart_by_subject_links_and_attachments() -> None:
+    def short(subject: str, body: str, attachment: bytes | None = None) -> Fingerprint:
+        letter = Letter(subject=subject, paragraphs=(body,), attachment=attachment)
+        return fingerprint(render(letter, "mixed" if attachment else "text"))
+
+    base = short("Re: lunch", "ok, see you at 12:30")
+    assert similarity(base, short("Re: lunch", "ok, see you at 1:15")) == 1.0
+    assert similarity(base, short("Re: dinner", "ok, see you at 12:30")) == 0.0
+    assert similarity(base, short("Re: lunch", "ok, see you at 12:30", b"pdf")) == 0.0
+    link_a = short("", "https://photos.example/album/summer")
+    link_b = short("", "https://videos.example/album/summer")
+    assert link_a.kind == "exact" and similarity(link_a, link_b) == 0.0
