@@ -136,3 +136,91 @@ def redis_url(redis_server: RedisServer) -> str:
     """The URL of the session's redis-server, running and empty."""
     redis_server.flush()
     return redis_server.url
+
+
+# -- Redis Cluster ---------------------------------------------------------------------------
+
+
+def free_cluster_port() -> int:
+    """A TCP port that is free, and whose cluster bus port (+10000) is free too."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+@pytest.fixture(scope="session")
+def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real 3-node Redis Cluster on loopback (slots split in three), as a ``?cluster=1`` URL.
+
+    Fails (does not skip) when redis-server lacks cluster support, like the other fixtures.
+    """
+    import redis
+
+    binary = redis_server_binary()
+    ports = [free_cluster_port() for _ in range(3)]
+    procs = []
+    clients: list[redis.Redis] = []
+    try:
+        for port in ports:
+            directory = tmp_path_factory.mktemp(f"cluster-{port}")
+            procs.append(
+                subprocess.Popen(
+                    [
+                        binary,
+                        "--port",
+                        str(port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        str(directory / "nodes.conf"),
+                        "--dir",
+                        str(directory),
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--logfile",
+                        str(directory / "redis.log"),
+                    ],
+                    stdin=subprocess.DEVNULL,
+                )
+            )
+        deadline = time.monotonic() + 20
+        for port in ports:
+            client = redis.Redis(port=port, socket_timeout=1)
+            clients.append(client)
+            while True:
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    assert time.monotonic() < deadline, f"cluster node {port} did not start"
+                    time.sleep(0.01)
+        bounds = [(0, 5460), (5461, 10922), (10923, 16383)]
+        for client, (low, high) in zip(clients, bounds, strict=True):
+            client.cluster("ADDSLOTSRANGE", str(low), str(high))
+        for port in ports[1:]:
+            clients[0].cluster("MEET", "127.0.0.1", str(port))
+        for client in clients:
+            while client.cluster("info")["cluster_state"] != "ok":
+                assert time.monotonic() < deadline, "cluster did not become ok"
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{ports[0]}?cluster=1"
+    finally:
+        for client in clients:
+            client.close()
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait()

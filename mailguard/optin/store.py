@@ -39,8 +39,6 @@ from functools import cache
 from importlib import resources
 from typing import Any, Final, TypeVar
 
-from redis.commands.core import AsyncScript
-
 from mailguard.optin.records import (
     FieldError,
     Format,
@@ -125,7 +123,7 @@ class OptInStore:
         self._redis = store._redis
         self._retention_ms = str(math.ceil(retention * 1000))
         self._batch = batch
-        self._write: AsyncScript = self._redis.register_script(_lua("optin_write"))
+        self._write = store.script(_lua("optin_write"))
 
     # -- key names ----------------------------------------------------------------------------
 

@@ -19,11 +19,14 @@ let a Redis exception escape (``RedisStore._run`` turns every failure into ``Sto
   their records cannot pile up: a call founds at most one.  Buckets are rewritten without dead
   ids whenever a cluster is founded in them and expire ``window`` after their last write, like
   every key the script writes (``PEXPIRE``, a real-time safety net; the logical expiry is the
-  ``touched`` / ``last_seen`` time stored in the value, on the caller's clock).  Deleting dead
-  state never changes a result as long as ``now`` does not go backwards by more than the
-  distance to the window's edge (the gates' clocks agree to far better than ``window``).
-* **Replays.**  Running the same call twice (a retry after a lost reply) returns the same id:
-  the second run matches the cluster the first one founded or joined.
+  ``touched`` / ``last_seen`` time stored in the value, on the caller's clock).  Deleting a dead
+  cluster never changes a result unless a later call's ``now`` is so far behind (a gate whose
+  clock lags) that the cluster would be alive again at it: results equal ``ClusterIndex``'s
+  exactly for non-decreasing ``now``, and with ``purge=0`` for any order of times.
+* **Replays.**  Running a call again after a lost reply (``RedisStore`` retries connection
+  errors) returns the cluster the first run founded or joined, which the same fingerprint
+  matches again (its founder with similarity 1): only a cluster founded in between that is
+  more similar to it could win instead.
 * **Keys** (one customer's keys share the hash tag ``{customer}``, so the script runs unchanged on
   Redis Cluster; every key it touches is in its KEYS)::
 
@@ -32,7 +35,9 @@ let a Redis exception escape (``RedisStore._run`` turns every failure into ``Sto
       {prefix}:{{customer}}:cust:cl:b:{band}     STRING '>d' touched + ids (16 chars, MRU first)
 
   ``{band}`` is a band key of ``sketch.band_keys``: 18 hex digits, or ``x`` and 16 for an exact
-  fingerprint.  A cluster costs one record (~300 bytes) and up to 32 bucket entries.
+  fingerprint.  A cluster costs one record (~300 bytes) and up to 32 bucket entries: about
+  6.5 KB of Redis memory for a cluster alone in its buckets (measured: 20,000 clusters, 130 MB),
+  mostly the per-key overhead of the 32 bucket keys.
 """
 
 from __future__ import annotations
@@ -40,8 +45,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-
-from redis.commands.core import AsyncScript
 
 from mailguard.core.fingerprint.cluster import BUCKET_CAP, MAX_CANDIDATES
 from mailguard.core.fingerprint.sketch import (
@@ -56,6 +59,7 @@ from mailguard.store.redis_store import RedisStore, lua_script
 CLUSTERS = "cl"
 PURGE_PER_CALL = 16
 MAX_PURGE = 1000  # the script unpacks the deleted ids onto Lua's stack
+_KEY_CACHE = 4096  # customers whose key names are kept (building them costs ~15 us)
 _ID = re.compile(r"^[0-9a-f]{16}$")
 
 
@@ -148,26 +152,34 @@ class ClusterStore:
         self.max_candidates = max_candidates
         self.threshold = float(threshold)
         self.purge = purge
+        self._window = _num("window", window)
         self._need = str(lanes_needed(threshold))
-        self._fixed = [_num("window", window)]
         self._limits = [str(bucket_cap), str(max_candidates), str(purge)]
-        self._assign: AsyncScript = store._redis.register_script(lua_script("cluster_assign"))
+        self._assign = store.script(lua_script("cluster_assign"))
+        self._keys: dict[str, ClusterKeys] = {}
 
     def keys(self, customer: str) -> ClusterKeys:
-        return ClusterKeys.of(self.store, customer)
+        """The key names of ``customer``'s clusters; ``ValueError`` if it is empty."""
+        found = self._keys.get(customer)
+        if found is None:
+            found = ClusterKeys.of(self.store, customer)
+            if len(self._keys) >= _KEY_CACHE:
+                self._keys.clear()
+            self._keys[customer] = found
+        return found
 
     async def assign(self, customer: str, fp: Fingerprint, now: float) -> str:
         """The cluster id of ``customer``'s message with fingerprint ``fp`` arriving at ``now``.
 
         ``ValueError`` for an empty customer or a non-finite ``now``; ``StoreError`` if the store
-        fails (nothing is assigned then).
+        fails (after a timeout the script may have run; repeating the call returns the same id).
         """
         now_s = _num("now", now)
         new_id = new_cluster_id(fp, float(now))
         if not _ID.match(new_id):  # the script stores ids at a fixed width
             raise ValueError(f"unexpected cluster id format {new_id!r}")
-        keys = ClusterKeys.of(self.store, customer).script_keys(fp)
-        args: list[str | bytes] = [now_s, *self._fixed, fp.to_bytes(), self._need, new_id]
+        keys = self.keys(customer).script_keys(fp)
+        args: list[str | bytes] = [now_s, self._window, fp.to_bytes(), self._need, new_id]
         args += self._limits
         raw = await self.store._run("cluster_assign", lambda: self._assign(keys=keys, args=args))
         cluster_id = raw[0]

@@ -64,8 +64,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from redis.commands.core import AsyncScript
-
 from mailguard.store.redis_store import RedisStore, lua_script
 
 CAMPAIGN = "camp"
@@ -225,9 +223,8 @@ class CampaignCounter:
 
     def __init__(self, store: RedisStore) -> None:
         self.store = store
-        redis = store._redis
-        self._reserve: AsyncScript = redis.register_script(lua_script("campaign_reserve"))
-        self._settle: AsyncScript = redis.register_script(lua_script("campaign_settle"))
+        self._reserve = store.script(lua_script("campaign_reserve"))
+        self._settle = store.script(lua_script("campaign_settle"))
 
     async def reserve(
         self,

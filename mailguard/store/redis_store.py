@@ -30,18 +30,17 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.commands.core import AsyncScript
 from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -128,6 +127,10 @@ def _window_arg(window: float) -> str:
     return _float_arg("window", window)
 
 
+class LuaScript(Protocol):
+    async def __call__(self, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any: ...
+
+
 class RedisStore:
     """The ``Store`` protocol on Redis or Redis Cluster; see the module docstring."""
 
@@ -176,10 +179,30 @@ class RedisStore:
                 self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         except (ValueError, TypeError, RedisError, RedisClusterException) as exc:
             raise ValueError(f"[store] url {self.url!r}: {exc}") from exc
-        self._auth_failure: AsyncScript = self._redis.register_script(lua_script("auth_failure"))
-        self._auth_failures_count: AsyncScript = self._redis.register_script(
-            lua_script("auth_failures_count")
-        )
+        self._auth_failure = self.script(lua_script("auth_failure"))
+        self._auth_failures_count = self.script(lua_script("auth_failures_count"))
+
+    def script(self, source: str) -> LuaScript:
+        """A Lua script bound to this store: ``await script(keys=[...], args=[...])``.
+
+        EVALSHA with a fallback to loading it on a single server.  On Redis Cluster every call
+        is an EVAL instead: redis-py's EVALSHA fallback there (SCRIPT LOAD to all primaries,
+        then EVALSHA again) leaves a broken connection behind in redis-py 8.1 (seen in the
+        3-node cluster tests), and EVAL is always routed by the first key's slot.
+        """
+        if self.cluster:
+            redis = self._redis
+
+            async def run(keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:
+                return await redis.eval(source, len(keys), *keys, *args)
+
+            return run
+        registered = self._redis.register_script(source)
+
+        async def run_sha(keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:
+            return await registered(keys=list(keys), args=list(args))
+
+        return run_sha
 
     def __repr__(self) -> str:
         return f"RedisStore({self.url!r}{', cluster' if self.cluster else ''})"

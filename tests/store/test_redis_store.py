@@ -6,14 +6,11 @@ Time is injected: no test sleeps to move a window.
 from __future__ import annotations
 
 import asyncio
-import socket
-import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
-import redis
 from redis.asyncio import Redis
 
 from mailguard.config.schema import StoreConfig
@@ -21,7 +18,7 @@ from mailguard.store.base import Store, StoreError
 from mailguard.store.factory import open_store
 from mailguard.store.keys import Keys
 from mailguard.store.redis_store import RedisStore, StoreURL, lua_script, redact_url
-from tests.conftest import RedisServer, redis_server_binary
+from tests.conftest import RedisServer, free_cluster_port, redis_server_binary
 
 NOW = 1_700_000_000.0
 WINDOW = 900.0
@@ -314,61 +311,6 @@ async def test_open_store_embedded_owns_the_child(tmp_path: Path) -> None:
 # -- Redis Cluster ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    """A TCP port that is free, and whose cluster bus port (+10000) is free too."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port + 10000 > 65535:
-            continue
-        with socket.socket() as bus:
-            try:
-                bus.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-
-
-@pytest.fixture(scope="module")
-def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A one-node Redis Cluster owning every slot (it takes ~2 s to declare itself ok)."""
-    directory = tmp_path_factory.mktemp("cluster")
-    port = _free_port()
-    args = [
-        redis_server_binary(),
-        "--port", str(port),
-        "--bind", "127.0.0.1",
-        "--cluster-enabled", "yes",
-        "--cluster-config-file", str(directory / "nodes.conf"),
-        "--dir", str(directory),
-        "--save", "",
-        "--appendonly", "no",
-        "--logfile", str(directory / "redis.log"),
-    ]  # fmt: skip
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
-    try:
-        client = redis.Redis(port=port, socket_timeout=1)
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    client.cluster("ADDSLOTSRANGE", "0", "16383")
-                    break
-                except redis.ConnectionError:
-                    assert time.monotonic() < deadline, "cluster node did not start"
-                    time.sleep(0.01)
-            while client.cluster("info")["cluster_state"] != "ok":
-                assert time.monotonic() < deadline, "cluster did not become ok"
-                time.sleep(0.02)
-        finally:
-            client.close()
-        yield f"redis://127.0.0.1:{port}?cluster=1"
-    finally:
-        proc.terminate()
-        proc.wait()
-
-
 async def test_cluster(cluster_url: str) -> None:
     store = RedisStore(cluster_url, timeout=1.0)
     try:
@@ -385,7 +327,7 @@ async def test_cluster(cluster_url: str) -> None:
 
 
 async def test_cluster_unreachable_is_a_store_error() -> None:
-    store = RedisStore(f"redis://127.0.0.1:{_free_port()}?cluster=1", timeout=0.5)
+    store = RedisStore(f"redis://127.0.0.1:{free_cluster_port()}?cluster=1", timeout=0.5)
     try:
         started = time.monotonic()
         with pytest.raises(StoreError, match=r"store redis://127\.0\.0\.1:\d+\?cluster=1: ping"):
