@@ -205,9 +205,18 @@ def test_the_child_dies_with_its_parent(tmp_path: Path, binary: str) -> None:
     while not _gone(child):
         assert time.monotonic() < deadline, "redis-server outlived its parent"
         time.sleep(0.01)
-    # The lock died with both: the directory can be used again, and the data is intact.
-    with EmbeddedRedis(tmp_path, binary) as server:
-        assert server.running
+    # The lock died with both: the directory can be used again, and the data is intact.  A
+    # forked child of redis-server (an AOF rewrite) inherits the lock and may outlive it by a
+    # moment, so the directory is only required to be free again within the deadline.
+    while True:
+        try:
+            with EmbeddedRedis(tmp_path, binary) as server:
+                assert server.running
+            break
+        except EmbeddedRedisError as exc:
+            assert "is in use" in str(exc)
+            assert time.monotonic() < deadline + 5, str(exc)
+            time.sleep(0.05)
 
 
 async def test_foreign_server_on_the_socket_is_refused(tmp_path: Path, binary: str) -> None:
