@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-DEB_PACKAGES=(python3-venv python3-dev gcc redis-server openssl libmilter-dev)
+DEB_PACKAGES=(python3-venv python3-dev gcc redis-server openssl libmilter-dev miltertest)
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 

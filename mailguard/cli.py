@@ -1,4 +1,5 @@
-"""The ``mailguard`` command line: ``serve``, ``check-config``, ``hash-password``, ``optin``,
+"""The ``mailguard`` command line: ``serve``, ``milter``, ``check-config``, ``hash-password``,
+``optin``,
 ``cluster``, ``inspect``.
 
 Responsible for: argument parsing and exit statuses (0 success, 2 usage or config error).
@@ -24,6 +25,12 @@ def _serve(args: argparse.Namespace) -> int:
     from mailguard.gate.server import run
 
     return run(args.config)
+
+
+def _milter(args: argparse.Namespace) -> int:
+    from mailguard.milter import run
+
+    return int(run(str(args.config), args.socket, args.timeout))
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -74,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the SMTP gate")
     serve.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="TOML config file")
     serve.set_defaults(func=_serve)
+    milter = sub.add_parser("milter", help="serve the policy as a milter (Postfix, Sendmail)")
+    milter.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="TOML config file")
+    milter.add_argument(
+        "--socket", default="inet:8890@127.0.0.1", help="inet:PORT@HOST or unix:/path"
+    )
+    milter.add_argument(
+        "--timeout", type=float, default=20.0, help="seconds to wait for the policy before tempfail"
+    )
+    milter.set_defaults(func=_milter)
     check = sub.add_parser("check-config", help="validate a config file (exit 0 valid, 2 not)")
     check.add_argument("file", type=Path)
     check.set_defaults(func=_check_config)

@@ -7,6 +7,8 @@ code), ``size`` (octets), ``decision`` (accept / reject / defer / aborted), ``ru
 ``numbers``, ``reply`` (the last reply the client got: the upstream's own, mirrored, unless
 ``rule`` names a mailguard refusal), ``policy`` (what the rules found, also in monitor mode),
 ``ms`` (timings in milliseconds: total, policy, upstream).
+``decision_record`` builds the line's fields for every door (gate and milter), so both log the
+same line for the same input.
 Must never: decide anything or raise into the SMTP session (a failing log is reported once on
 the operational log).
 """
@@ -17,8 +19,12 @@ import json
 import logging
 import sys
 import threading
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mailguard.core.policy import Decision
 
 log = logging.getLogger("mailguard")
 
@@ -54,3 +60,58 @@ class DecisionLog:
     def close(self) -> None:
         if self._stream is not sys.stdout:
             self._stream.close()
+
+
+def decision_record(
+    *,
+    tx: str,
+    client: str,
+    customer: str | None,
+    auth: str | None,
+    helo: str | None,
+    mail_from: str,
+    rcpts: Sequence[dict[str, Any]],
+    rcpts_unlogged: int = 0,
+    size: int | None,
+    campaign: str | None,
+    action: str,
+    rule: str | None,
+    reply: str,
+    decision: Decision | None,
+    total_ms: float,
+    policy_ms: float,
+    upstream_ms: float = 0.0,
+) -> dict[str, Any]:
+    """The record for ``DecisionLog.write`` (which adds ``ts``)."""
+    record: dict[str, Any] = {
+        "tx": tx,
+        "client": client,
+        "customer": customer,
+        "auth": auth,
+        "helo": helo,
+        "mail_from": mail_from,
+        "rcpts": list(rcpts),
+        **({"rcpts_unlogged": rcpts_unlogged} if rcpts_unlogged else {}),
+        "size": size,
+        **({"campaign": campaign} if campaign else {}),
+        "decision": action,
+        "rule": rule,
+        "reply": reply.split("\r\n")[-1][:300],
+    }
+    if decision is not None:
+        found = decision.found
+        record["policy"] = {
+            "mode": decision.mode,
+            "found": found.action,
+            "rule": found.rule,
+            "numbers": dict(found.numbers),
+        }
+        if decision.refused:
+            record["rule"] = found.rule
+            record["numbers"] = dict(found.numbers)
+    record["ms"] = {
+        "total": round(total_ms, 2),
+        "policy": round(policy_ms, 2),
+        "upstream": round(upstream_ms, 2),
+    }
+    return record

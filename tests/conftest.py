@@ -22,6 +22,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# No per-example deadline: timing is measured in loadtest/, never asserted in tests, and a
+# loaded 2-core CI machine makes store-backed examples slow now and then.
+settings.register_profile("mailguard", deadline=None)
+settings.load_profile("mailguard")
 
 REDIS_SERVER_ENV = "MAILGUARD_REDIS_SERVER"
 

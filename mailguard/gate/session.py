@@ -29,6 +29,7 @@ from mailguard.config.schema import Customer
 from mailguard.core.addresses import AddressError, EnvelopeArg, parse_envelope_arg
 from mailguard.core.policy import Decision, MessageFacts, RcptFacts, SessionFacts
 from mailguard.core.verdict import Accept, Verdict
+from mailguard.decisionlog import decision_record
 from mailguard.gate.upstream import UpstreamConnection, UpstreamError, UpstreamReply
 from mailguard.store.counting import Reservation
 
@@ -830,38 +831,25 @@ class GateSession(SMTP):
         if tx.upstream is not None:
             tx.upstream.release()
             tx.upstream = None
-        record: dict[str, Any] = {
-            "tx": tx.id,
-            "client": self.client_ip,
-            "customer": self.customer.id if self.customer else None,
-            "auth": self.auth_user,
-            "helo": self.session.host_name if self.session else None,
-            "mail_from": tx.mail_from.address,
-            "rcpts": tx.rcpts,
-            **({"rcpts_unlogged": tx.rcpts_unlogged} if tx.rcpts_unlogged else {}),
-            "size": size,
-            **({"campaign": tx.campaign} if tx.campaign else {}),
-            "decision": action,
-            "rule": rule,
-            "reply": reply.split("\r\n")[-1][:300],
-        }
-        if decision is not None:
-            found = decision.found
-            record["policy"] = {
-                "mode": decision.mode,
-                "found": found.action,
-                "rule": found.rule,
-                "numbers": dict(found.numbers),
-            }
-            if decision.refused:
-                record["rule"] = found.rule
-                record["numbers"] = dict(found.numbers)
-        total = (time.perf_counter() - tx.started) * 1000
-        record["ms"] = {
-            "total": round(total, 2),
-            "policy": round(tx.policy_ms, 2),
-            "upstream": round(tx.upstream_ms, 2),
-        }
+        record = decision_record(
+            tx=tx.id,
+            client=self.client_ip,
+            customer=self.customer.id if self.customer else None,
+            auth=self.auth_user,
+            helo=self.session.host_name if self.session else None,
+            mail_from=tx.mail_from.address,
+            rcpts=tx.rcpts,
+            rcpts_unlogged=tx.rcpts_unlogged,
+            size=size,
+            campaign=tx.campaign,
+            action=action,
+            rule=rule,
+            reply=reply,
+            decision=decision,
+            total_ms=(time.perf_counter() - tx.started) * 1000,
+            policy_ms=tx.policy_ms,
+            upstream_ms=tx.upstream_ms,
+        )
         self.runtime.decision_log.write(record)
 
     def _abort_transaction(self, why: str, *, log_it: bool = True, reply: str = "") -> None:

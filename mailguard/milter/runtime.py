@@ -1,0 +1,153 @@
+"""What all milter connections of one process share: config, customers, policy, store bridge.
+
+Responsible for: identifying customers, and the end-of-message decision through the same AUP
+core as the gate (``CampaignEnforcer.decide``), run on the one event loop of ``LoopThread``
+with a bounded wait.  Accepting commits the reservation at once (a milter cannot see the final
+delivery); a commit that fails or times out turns the accept into the store-failure tempfail,
+so nothing is accepted uncounted.  A store failure or timeout becomes the configured
+``store_failure_reply``.
+Must never: speak the milter protocol (``session`` does), or wait on the store past ``timeout``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from mailguard.config.schema import Config, Customer
+from mailguard.core.customers import CustomerDirectory
+from mailguard.core.policy import Decision, Policy
+from mailguard.core.verdict import Accept, Defer
+from mailguard.decisionlog import DecisionLog
+from mailguard.enforcement import CampaignEnforcer
+from mailguard.milter.loop import LoopThread
+from mailguard.store.base import StoreError
+from mailguard.store.redis_store import RedisStore
+
+log = logging.getLogger("mailguard.milter")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The end-of-message decision and the campaign it was counted in ("" if none)."""
+
+    decision: Decision
+    campaign: str
+    policy_ms: float
+
+
+class MilterRuntime:
+    """Shared state of one milter process (used from libmilter's threads)."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: RedisStore | None,
+        decision_log: DecisionLog,
+        bridge: LoopThread,
+        timeout: float,
+    ) -> None:
+        self.config = config
+        self.directory = CustomerDirectory(config.customers)
+        self.policy = Policy(config.policy)
+        self.decision_log = decision_log
+        self.bridge = bridge
+        self.timeout = timeout
+        self.clock: Callable[[], float] = time.time
+        self.enforcer: CampaignEnforcer | None = None
+        if store is not None and self.policy.counts_campaigns:
+            limits = [config.policy.limits, *(c.limits(config.policy) for c in config.customers)]
+            window = max(max(x.bulk_window, x.mailbomb_window) for x in limits)
+            self.enforcer = CampaignEnforcer(store, config.policy, window)
+
+    def customer_of(self, client_ip: str, auth_user: str | None) -> Customer | None:
+        """The customer of an AUTH user name (when known), else of the client address."""
+        if auth_user:
+            entry = self.directory.user(auth_user)
+            if entry is not None:
+                return entry[0]
+        return self.directory.by_address(client_ip) if client_ip else None
+
+    def decide(
+        self,
+        customer: Customer,
+        client_ip: str,
+        tx_id: str,
+        mail_from: str,
+        recipients: Sequence[str],
+        message: bytes,
+    ) -> Outcome:
+        """Decide the message and, when it is accepted, count it; never raises StoreError."""
+        start = time.perf_counter()
+        if self.enforcer is None:
+            accept = Accept()
+            return Outcome(Decision(accept, accept, self.config.policy.mode), "", 0.0)
+        try:
+            decision, campaign = self.bridge.call(
+                self._decide(customer, client_ip, tx_id, mail_from, recipients, message),
+                self.timeout,
+            )
+        except StoreError as exc:
+            decision, campaign = self._degraded(tx_id, str(exc)), ""
+        except TimeoutError:
+            decision = self._degraded(tx_id, f"no answer within {self.timeout}s")
+            campaign = ""
+        return Outcome(decision, campaign, (time.perf_counter() - start) * 1000)
+
+    async def _decide(
+        self,
+        customer: Customer,
+        client_ip: str,
+        tx_id: str,
+        mail_from: str,
+        recipients: Sequence[str],
+        message: bytes,
+    ) -> tuple[Decision, str]:
+        enforcer = self.enforcer
+        assert enforcer is not None
+        now = self.clock()
+        result = await enforcer.decide(
+            self.policy,
+            customer,
+            client_ip,
+            mail_from,
+            tuple(recipients),
+            message,
+            now,
+            reservation_id=tx_id,
+        )
+        if result.reservation is not None:
+            # Accepted: the MTA takes it from here, so it counts now.  A failure raises
+            # StoreError (tempfail); a reservation left behind lapses after its time to live.
+            await enforcer.settle(result.reservation, sent=True, now=now)
+        if result.decision.refused:
+            await self._note_refusal(customer, tx_id, mail_from, result.campaign, result.decision)
+        return result.decision, result.campaign
+
+    async def _note_refusal(
+        self, customer: Customer, tx_id: str, mail_from: str, campaign: str, decision: Decision
+    ) -> None:
+        """Keep a refusal for ``mailguard inspect`` (best effort), as the gate does."""
+        assert self.enforcer is not None
+        verdict = decision.verdict
+        entry = {
+            "ts": self.clock(),
+            "tx": tx_id,
+            "mail_from": mail_from,
+            "campaign": campaign,
+            "rule": verdict.rule,
+            "numbers": dict(verdict.numbers),
+            "reply": verdict.reply() if not isinstance(verdict, Accept) else "",
+        }
+        try:
+            await self.enforcer.inspection.note_refusal(customer.id, entry)
+        except StoreError as exc:
+            log.warning("tx=%s could not record the refusal for inspect: %s", tx_id, exc)
+
+    def _degraded(self, tx_id: str, why: str) -> Decision:
+        reply = self.config.policy.store_failure_reply
+        log.error("tx=%s store failure, answering %s: %s", tx_id, reply.code, why)
+        verdict = Defer(reply.code, reply.enhanced, reply.text, rule="store_failure")
+        return Decision(verdict, verdict, self.config.policy.mode)
