@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.gate.test_aup_rules import ARTICLES, ISSUE, campaign_copy
+from tests.campaigns import ARTICLES, ISSUE, campaign_copy
 
 ROOT = Path(__file__).resolve().parents[2]
 

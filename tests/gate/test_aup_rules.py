@@ -10,51 +10,13 @@ from datetime import UTC, datetime
 
 from mailguard.optin.records import OptInRecord
 from mailguard.optin.store import OptInStore
+from tests.campaigns import ARTICLES, ISSUE, campaign_copy
 from tests.gate.conftest import BASE_CONFIG, MakeGate, RecordingUpstream, RunningGate
 from tests.gate.smtpraw import RawClient
-
-NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy"]
-
-CAMPAIGN = (
-    "Subject: Spring offers for you, {name}\r\n"
-    "From: Shop <news@acme.example>\r\n"
-    "To: {name} <{rcpt}>\r\n"
-    "List-Unsubscribe: <https://acme.example/u/{token}>\r\n"
-    "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
-    "\r\n"
-    "Dear {name},\r\n"
-    "our spring collection has arrived and we picked a few things we think you will like.\r\n"
-    "Garden chairs made of oak, hand woven baskets, linen table cloths in seven colours and\r\n"
-    "the lamp everybody asked about last year are back in stock, with free delivery until\r\n"
-    "the end of the month for orders above fifty euros.  Your personal code is {token}.\r\n"
-    "Visit https://acme.example/spring?u={token} to see the whole collection.\r\n"
-)
-
-ISSUE = (
-    "Subject: Acme weekly, issue {n}\r\n"
-    "From: Acme <news@acme.example>\r\n"
-    "\r\n"
-    "Acme weekly -- news from the workshop\r\n"
-    "{article}\r\n"
-    "You receive this because you subscribed at acme.example. Unsubscribe any time.\r\n"
-)
-
-ARTICLES = [
-    "This week we rebuilt the kiln in the back yard, which took three days of brick laying and "
-    "a surprising amount of clay. The first firing went well and the glazes came out deep blue.",
-    "Our apprentice Tomas finished his first chair, a ladder back in ash with a woven seat. It is "
-    "sturdier than it looks and already has a buyer in the next village over the river.",
-]
 
 LISTS = BASE_CONFIG.replace(
     'domains = ["acme.example"]', 'domains = ["acme.example"]\nbulk_sender = true'
 )
-
-
-def campaign_copy(rcpt: str, i: int) -> bytes:
-    name = NAMES[i % len(NAMES)]
-    token = f"{i * 7919 + 13:08x}{i:04d}"
-    return CAMPAIGN.format(name=name, rcpt=rcpt, token=token).encode()
 
 
 async def send(gate: RunningGate, rcpts: list[str], body: bytes) -> str:
@@ -259,8 +221,15 @@ async def test_inspect_shows_campaigns_and_refusals(
         f'[store]\nurl = "{redis_url}"\n[[customer]]\nid = "acme"\nnetworks = ["127.0.0.0/8"]\n'
     )
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mailguard", "inspect", "--config", str(config), "acme",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "mailguard",
+        "inspect",
+        "--config",
+        str(config),
+        "acme",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()

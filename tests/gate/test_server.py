@@ -70,6 +70,27 @@ async def wait_for_banner(port: int, proc: asyncio.subprocess.Process, path: Pat
     raise AssertionError("gate did not start: " + path.read_text())
 
 
+async def start_gate(
+    config_path: Path, state_dir: Path, stderr_path: Path, port: int
+) -> asyncio.subprocess.Process:
+    """``mailguard serve`` as a subprocess, returned once it greets on ``port``."""
+    with stderr_path.open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "mailguard",
+            "serve",
+            "--config",
+            str(config_path),
+            stderr=err,
+            stdout=asyncio.subprocess.DEVNULL,
+            cwd=ROOT,
+            env={**os.environ, "MAILGUARD_STATE_DIR": str(state_dir)},
+        )
+    await wait_for_banner(port, proc, stderr_path)
+    return proc
+
+
 @pytest.fixture
 async def gate_process(tmp_path: Path, upstream: RecordingUpstream) -> AsyncIterator[GateProcess]:
     port = free_port()
@@ -83,21 +104,8 @@ async def gate_process(tmp_path: Path, upstream: RecordingUpstream) -> AsyncIter
     config_path = tmp_path / "mailguard.toml"
     config_path.write_text(CONFIG.format(**fmt))
     stderr_path = tmp_path / "stderr.log"
-    with stderr_path.open("wb") as err:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "mailguard",
-            "serve",
-            "--config",
-            str(config_path),
-            stderr=err,
-            stdout=asyncio.subprocess.DEVNULL,
-            cwd=ROOT,
-            env={**os.environ, "MAILGUARD_STATE_DIR": str(tmp_path / "state")},
-        )
+    proc = await start_gate(config_path, tmp_path / "state", stderr_path, port)
     gp = GateProcess(proc, port, config_path, tmp_path / "decisions.jsonl", stderr_path, fmt)
-    await wait_for_banner(port, proc, stderr_path)
     yield gp
     if proc.returncode is None:
         proc.terminate()

@@ -4,16 +4,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.campaigns import campaign_copy
 from tests.gate.conftest import RecordingUpstream, free_port
 from tests.gate.smtpraw import RawClient
-from tests.gate.test_aup_rules import campaign_copy
-from tests.gate.test_server import ROOT, wait_for_banner
+from tests.gate.test_server import start_gate
 
 CONFIG = """
 [server]
@@ -64,22 +62,8 @@ async def test_two_gate_processes_share_the_threshold(
                 )
             )
             err = tmp_path / f"stderr{n}.log"
-            with err.open("wb") as stderr:
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "mailguard",
-                    "serve",
-                    "--config",
-                    str(config),
-                    stderr=stderr,
-                    stdout=asyncio.subprocess.DEVNULL,
-                    cwd=ROOT,
-                    env={**os.environ, "MAILGUARD_STATE_DIR": str(tmp_path / f"state{n}")},
-                )
-            procs.append(proc)
+            procs.append(await start_gate(config, tmp_path / f"state{n}", err, port))
             ports.append(port)
-            await wait_for_banner(port, proc, err)
         replies = await asyncio.gather(
             *(
                 send(ports[i % 2], f"c{i}@example.org", campaign_copy(f"c{i}@example.org", i))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tests.campaigns import campaign_copy
 from tests.conftest import RedisServer
 from tests.milter.conftest import RunLua, RunningMilter
 
@@ -16,29 +17,6 @@ BULK_REPLY = (
     "(AUP: unsolicited bulk e-mail). See https://www.example.net/aup"
 )
 STORE_FAILURE = ("451", "4.3.0", "Temporary policy service failure, please try again later")
-
-NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy"]
-
-CAMPAIGN = (
-    "Subject: Spring offers for you, {name}\r\n"
-    "From: Shop <news@acme.example>\r\n"
-    "To: {name} <{rcpt}>\r\n"
-    "List-Unsubscribe: <https://acme.example/u/{token}>\r\n"
-    "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
-    "\r\n"
-    "Dear {name},\r\n"
-    "our spring collection has arrived and we picked a few things we think you will like.\r\n"
-    "Garden chairs made of oak, hand woven baskets, linen table cloths in seven colours and\r\n"
-    "the lamp everybody asked about last year are back in stock, with free delivery until\r\n"
-    "the end of the month for orders above fifty euros.  Your personal code is {token}.\r\n"
-    "Visit https://acme.example/spring?u={token} to see the whole collection.\r\n"
-)
-
-
-def campaign_copy(rcpt: str, i: int) -> bytes:
-    name = NAMES[i % len(NAMES)]
-    token = f"{i * 7919 + 13:08x}{i:04d}"
-    return CAMPAIGN.format(name=name, rcpt=rcpt, token=token).encode()
 
 
 def lua(text: str | bytes) -> str:
