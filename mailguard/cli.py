@@ -83,11 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
     milter = sub.add_parser("milter", help="serve the policy as a milter (Postfix, Sendmail)")
     milter.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="TOML config file")
+    milter.add_argument("--socket", help="inet:PORT@HOST or unix:/path (default: [milter] listen)")
     milter.add_argument(
-        "--socket", default="inet:8890@127.0.0.1", help="inet:PORT@HOST or unix:/path"
-    )
-    milter.add_argument(
-        "--timeout", type=float, default=20.0, help="seconds to wait for the policy before tempfail"
+        "--timeout", type=float, help="seconds to wait for the policy (default: [milter] timeout)"
     )
     milter.set_defaults(func=_milter)
     check = sub.add_parser("check-config", help="validate a config file (exit 0 valid, 2 not)")

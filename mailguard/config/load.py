@@ -33,6 +33,7 @@ from mailguard.config.schema import (
     IPNetwork,
     ListenAddress,
     LogConfig,
+    MilterConfig,
     PolicyConfig,
     Reply,
     ServerConfig,
@@ -713,6 +714,18 @@ _LOG: Final = _Table(
     },
 )
 
+
+def _milter_socket(value: object) -> str:
+    text = _string(value)
+    if not text.startswith(("inet:", "inet6:", "unix:", "local:")):
+        raise ValueError(
+            f"{quote(text)} is not a milter socket (inet:PORT@HOST, inet6:PORT@HOST or unix:/path)"
+        )
+    return text
+
+
+_MILTER: Final = _Table(MilterConfig, {"listen": _leaf(_milter_socket), "timeout": _POSITIVE})
+
 _USER: Final = _Table(
     User,
     {"name": _leaf(_user_name), "password_hash": _leaf(_password_hash)},
@@ -782,6 +795,7 @@ _CONFIG: Final = _Table(
         "store": _STORE,
         "policy": _POLICY,
         "log": _LOG,
+        "milter": _MILTER,
         "customer": _customers,
     },
     rename={"customer": "customers"},

@@ -165,6 +165,16 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MilterConfig:
+    """``[milter]``: ``mailguard milter``'s socket (libmilter syntax) and policy deadline."""
+
+    listen: str = "inet:8890@127.0.0.1"
+    # Postfix waits milter_command_timeout (30s) per step: answering before it keeps the answer
+    # ours (a tempfail with store_failure_reply) rather than the MTA's milter_default_action.
+    timeout: float = 20.0
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     """``[log]``: operational log level and where decision lines go."""
 
@@ -208,5 +218,6 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    milter: MilterConfig = field(default_factory=MilterConfig)
     customers: tuple[Customer, ...] = ()
     source: Path | None = None  # the file this was loaded from, for messages

@@ -11,7 +11,7 @@ from __future__ import annotations
 __all__ = ["run"]
 
 
-def run(config_path: str, socket_spec: str, timeout: float) -> int:
+def run(config_path: str, socket_spec: str | None = None, timeout: float | None = None) -> int:
     """Serve the milter until SIGTERM/SIGINT (see ``mailguard.milter.server.run``)."""
     from mailguard.milter.server import run as _run
 

@@ -25,13 +25,12 @@ from mailguard.store.factory import open_store
 
 log = logging.getLogger("mailguard.milter")
 
-# Postfix waits milter_command_timeout (30s) per command and milter_content_timeout (300s) for
-# end of message; answering a tempfail before the shorter one keeps the answer ours.
-DEFAULT_TIMEOUT = 20.0
 
-
-def run(config_path: str | Path, socket_spec: str, timeout: float = DEFAULT_TIMEOUT) -> int:
-    """Serve until libmilter stops (SIGTERM/SIGINT); exit status 0, or 2 on a config error."""
+def run(
+    config_path: str | Path, socket_spec: str | None = None, timeout: float | None = None
+) -> int:
+    """Serve until libmilter stops (SIGTERM/SIGINT); exit status 0, or 2 on a config error.
+    ``socket_spec`` and ``timeout`` override ``[milter] listen`` and ``timeout``."""
     path = Path(config_path)
     try:
         config = load_config(path)
@@ -40,6 +39,8 @@ def run(config_path: str | Path, socket_spec: str, timeout: float = DEFAULT_TIME
             print(line, file=sys.stderr)
         return 2
     setup_logging(config.log.level)
+    socket_spec = socket_spec or config.milter.listen
+    timeout = timeout if timeout is not None else config.milter.timeout
     bridge = LoopThread()
     try:
         store = bridge.call(open_store(config.store, config.server.state_dir), 60.0)

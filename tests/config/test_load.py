@@ -20,6 +20,7 @@ from mailguard.config.schema import (
     Customer,
     ListenAddress,
     LogConfig,
+    MilterConfig,
     PolicyConfig,
     Reply,
     ServerConfig,
@@ -109,6 +110,7 @@ _SECTIONS: dict[str, type] = {
     "customer": Customer,
     "customer.user": User,
     "policy.templates": Templates,
+    "milter": MilterConfig,
 }
 
 
