@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-DEB_PACKAGES=(python3-venv python3-dev gcc redis-server openssl libmilter-dev miltertest)
+DEB_PACKAGES=(python3-venv python3-dev gcc redis-server openssl libmilter-dev miltertest postfix)
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
@@ -34,6 +34,8 @@ setup() {
             local sudo=""
             [ "$(id -u)" -eq 0 ] || sudo="sudo"
             echo "dev.sh: installing Debian packages: ${missing[*]}" >&2
+            # Postfix is for the tests' private instances only: leave the system one unconfigured.
+            echo "postfix postfix/main_mailer_type select No configuration" | $sudo debconf-set-selections
             $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
             $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
         fi

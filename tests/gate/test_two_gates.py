@@ -32,13 +32,14 @@ networks = ["127.0.0.0/8"]
 
 
 async def send(port: int, rcpt: str, body: bytes) -> str:
+    """One transaction to a gate on ``port``: the DATA reply (or the recipient's refusal)."""
     async with RawClient("127.0.0.1", port) as c:
         await c.ehlo()
         await c.cmd("MAIL FROM:<news@acme.example>")
         reply = await c.cmd(f"RCPT TO:<{rcpt}>")
         if not reply.startswith("250"):
             return reply
-        return await c.data(body)
+        return await c.data(body.replace(b"\r\n.", b"\r\n.."))
 
 
 @pytest.mark.slow
