@@ -193,9 +193,8 @@ class PrivatePostfix:
         return self._run(POSTCAT, "-c", str(self.config_dir), "-bh", "-q", queue_id).stdout
 
 
-@pytest.fixture
-def postfix_upstream(tmp_path: Path) -> Iterator[PrivatePostfix]:
-    """A private Postfix on 127.0.0.1 that keeps everything it accepts in its queue."""
+def require_postfix() -> None:
+    """Fail without Postfix's programs (CI must install them); skip when not root."""
     for binary in (POSTFIX, POSTCONF, POSTQUEUE, POSTCAT):
         if not os.access(binary, os.X_OK):
             pytest.fail(
@@ -204,6 +203,12 @@ def postfix_upstream(tmp_path: Path) -> Iterator[PrivatePostfix]:
             )
     if os.geteuid() != 0:
         pytest.skip("a private Postfix master must be started as root")
+
+
+@pytest.fixture
+def postfix_upstream(tmp_path: Path) -> Iterator[PrivatePostfix]:
+    """A private Postfix on 127.0.0.1 that keeps everything it accepts in its queue."""
+    require_postfix()
     instance = PrivatePostfix(tmp_path / "postfix", free_port())
     instance.create()
     try:
