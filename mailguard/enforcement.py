@@ -12,13 +12,13 @@ is passed in).
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
 from mailguard.config.schema import Customer, PolicyConfig
+from mailguard.core.customers import in_networks
 from mailguard.core.fingerprint import fingerprint
 from mailguard.core.policy import Decision, Policy
 from mailguard.core.rules.campaign import (
@@ -103,7 +103,7 @@ class CampaignEnforcer:
         limits = customer.limits(self.policy_config)
         campaign = await self.clusters.assign(customer.id, fingerprint(message, recipients), now)
         headers = ListHeaders.of(message)
-        designated = customer.bulk_sender or _in_networks(client_ip, customer)
+        designated = customer.bulk_sender or in_networks(client_ip, customer.bulk_networks)
         transactional = mail_from.lower() in {s.lower() for s in customer.transactional_senders}
         if designated and not transactional:
             optin = tuple(await self.optin.has_confirmed(customer.id, headers.list_id, recipients))
@@ -146,13 +146,3 @@ class CampaignEnforcer:
     async def settle(self, reservation: Reservation, *, sent: bool, now: float) -> None:
         """Count the message if the upstream accepted it, forget it otherwise."""
         await self.counter.settle(reservation, commit=sent, now=now)
-
-
-def _in_networks(client_ip: str, customer: Customer) -> bool:
-    if not customer.bulk_networks:
-        return False
-    try:
-        ip = ipaddress.ip_address(client_ip)
-    except ValueError:
-        return False
-    return any(ip.version == n.version and ip in n for n in customer.bulk_networks)

@@ -9,9 +9,26 @@ Must never: verify passwords (the door does, off the event loop) or touch socket
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from mailguard.config.schema import Customer, IPAddress, IPNetwork, User
+
+
+def client_address(address: str | IPAddress) -> IPAddress | None:
+    """The address to match against networks (IPv4-mapped IPv6 as IPv4); None if unparseable."""
+    try:
+        ip = ipaddress.ip_address(address) if isinstance(address, str) else address
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def in_networks(address: str | IPAddress, networks: Iterable[IPNetwork]) -> bool:
+    """True when ``address`` (see ``client_address``) lies in one of ``networks``."""
+    ip = client_address(address)
+    return ip is not None and any(ip.version == n.version and ip in n for n in networks)
 
 
 class CustomerDirectory:
@@ -32,12 +49,9 @@ class CustomerDirectory:
 
     def by_address(self, address: str | IPAddress) -> Customer | None:
         """The customer whose networks contain ``address``, or None (unparseable: None)."""
-        try:
-            ip = ipaddress.ip_address(address) if isinstance(address, str) else address
-        except ValueError:
+        ip = client_address(address)
+        if ip is None:
             return None
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
         for net, customer in self._networks:
             if ip.version == net.version and ip in net:
                 return customer

@@ -23,7 +23,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import Argon2Error, InvalidHashError
 
 from mailguard.config.schema import Config, Customer
-from mailguard.core.customers import CustomerDirectory
+from mailguard.core.customers import CustomerDirectory, in_networks
 from mailguard.core.policy import Decision, MessageFacts, Policy, RcptFacts
 from mailguard.core.verdict import Accept, Defer
 from mailguard.decisionlog import DecisionLog
@@ -95,9 +95,7 @@ class GateRuntime:
         if self.draining:
             return "421 4.3.2 Service shutting down, please try again later"
         ip = session.client_ip
-        if server.proxy_protocol and not any(
-            _in_network(ip, net) for net in server.proxy_trusted_networks
-        ):
+        if server.proxy_protocol and not in_networks(ip, server.proxy_trusted_networks):
             return "421 4.7.0 PROXY protocol is only accepted from configured load balancers"
         if len(self.sessions) >= server.max_connections:
             return "421 4.7.0 Too many connections, please try again later"
@@ -273,15 +271,6 @@ class GateRuntime:
         if self._date_cache[0] != now:
             self._date_cache = (now, formatdate(now, localtime=False))
         return self._date_cache[1]
-
-
-def _in_network(ip: str, net: object) -> bool:
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(ip) in net  # type: ignore[operator]
-    except ValueError:
-        return False
 
 
 def tls_context_of(config: Config) -> ssl.SSLContext | None:

@@ -31,3 +31,14 @@ def test_users() -> None:
     assert d.user("acme-relay") == (ACME, ACME.users[0])
     assert d.user("nobody") is None
     assert not CustomerDirectory([LISTS]).has_users
+
+
+def test_in_networks_treats_mapped_addresses_as_ipv4() -> None:
+    from mailguard.core.customers import in_networks
+
+    nets = (ipaddress.ip_network("198.51.100.7/32"),)
+    assert in_networks("198.51.100.7", nets)
+    assert in_networks("::ffff:198.51.100.7", nets)
+    assert not in_networks("198.51.100.8", nets)
+    assert not in_networks("garbage", nets)
+    assert not in_networks("198.51.100.7", ())
