@@ -15,29 +15,8 @@ import pytest
 from tests.campaigns import campaign_copy
 from tests.gate.conftest import free_port
 from tests.gate.test_server import start_gate
-from tests.gate.test_two_gates import send
+from tests.gate.test_two_gates import CONFIG, send
 from tests.mta.conftest import PrivatePostfix
-
-ROOT = Path(__file__).resolve().parents[2]
-
-CONFIG = """
-[server]
-listen = ["127.0.0.1:{port}"]
-hostname = "gate.test"
-state_dir = "{state}"
-drain_timeout = "2s"
-[upstream]
-host = "127.0.0.1"
-port = {upstream_port}
-[store]
-url = "{redis_url}"
-[log]
-decision_log = "{log}"
-[[customer]]
-id = "acme"
-networks = ["127.0.0.0/8"]
-domains = ["acme.example"]
-"""
 
 
 @dataclass
@@ -63,6 +42,7 @@ async def gate_to_postfix(
     config_path = tmp_path / "mailguard.toml"
     config_path.write_text(
         CONFIG.format(
+            n="",
             port=port,
             state=tmp_path / "state",
             upstream_port=postfix_upstream.port,
