@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -187,6 +188,15 @@ class PrivatePostfix:
                 )
             time.sleep(0.05)
         return rcpts
+
+    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+        """The first match of ``pattern`` in the mail log, once Postfix has logged it."""
+        deadline = time.monotonic() + timeout
+        while (found := re.search(pattern, self.maillog())) is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {pattern!r} in the mail log:\n{self.maillog()}")
+            time.sleep(0.05)
+        return found
 
     def message(self, queue_id: str) -> str:
         """Headers and body of one queued message (postcat)."""
