@@ -3,12 +3,17 @@
 Responsible for: the line's format and writing it (one ``write`` per line, flushed, so lines
 from concurrent transactions never interleave).  Fields: ``ts`` (ISO 8601 UTC), ``tx``,
 ``client``, ``customer``, ``auth``, ``helo``, ``mail_from``, ``rcpts`` (each with its reply
-code), ``size`` (octets), ``decision`` (accept / reject / defer / aborted), ``rule``,
-``numbers``, ``reply`` (the last reply the client got: the upstream's own, mirrored, unless
-``rule`` names a mailguard refusal), ``policy`` (what the rules found, also in monitor mode),
-``ms`` (timings in milliseconds: total, policy, upstream).
+code), ``size`` (the message's octets as the door received it, without dot-stuffing, RFC 1870),
+``campaign``, ``decision`` (accept / reject / defer / aborted), ``rule``, ``numbers``,
+``reply`` (the last reply the client got: the upstream's own, mirrored, unless ``rule`` names a
+mailguard refusal; for an abandoned transaction, rule ``abandoned``, the event that ended it),
+``policy`` (what the rules found, also in monitor mode), ``ms`` (timings in milliseconds: total,
+policy, upstream).
 ``decision_record`` builds the line's fields for every door (gate and milter), so both log the
-same line for the same input.
+same line for the same input, except where a door cannot know what the other does: ``ts``,
+``tx`` and ``ms`` always differ; an accepted message's ``reply`` is the upstream's own at the
+gate and ``250 2.0.0 Ok`` at the milter (which never sees the MTA's final reply); and the
+abandoned transaction's event (the gate sees ``RSET``, ``QUIT``; libmilter only ``abort``).
 Must never: decide anything or raise into the SMTP session (a failing log is reported once on
 the operational log).
 """
@@ -27,6 +32,8 @@ if TYPE_CHECKING:
     from mailguard.core.policy import Decision
 
 log = logging.getLogger("mailguard")
+
+ABANDONED = "abandoned"  # the rule of a transaction that ended before its message was decided
 
 
 class DecisionLog:

@@ -29,7 +29,7 @@ from mailguard.config.schema import Customer
 from mailguard.core.addresses import AddressError, EnvelopeArg, parse_envelope_arg
 from mailguard.core.policy import Decision, MessageFacts, RcptFacts, SessionFacts
 from mailguard.core.verdict import Accept, Verdict
-from mailguard.decisionlog import decision_record
+from mailguard.decisionlog import ABANDONED, decision_record
 from mailguard.gate.upstream import UpstreamConnection, UpstreamError, UpstreamReply
 from mailguard.store.counting import Reservation
 
@@ -681,6 +681,7 @@ class GateSession(SMTP):
             self._finish(tx, "reject", reply, rule=rule, size=size)
             await self.push(reply)
             return
+        size -= _stuffed_dots(body)  # the message's size (RFC 1870), as the milter sees it
         decision: Decision | None = None
         if self.runtime.policy.active:
             decision = await self.runtime.evaluate_message(
@@ -859,7 +860,7 @@ class GateSession(SMTP):
         if tx.upstream is not None:
             tx.upstream.dirty = True
         if log_it:
-            self._finish(tx, "aborted", reply or why, rule=why)
+            self._finish(tx, "aborted", reply or why, rule=ABANDONED)
         else:
             self.tx = None
             if tx.upstream is not None:
@@ -946,6 +947,11 @@ def _found_refusal(decision: Decision) -> bool:
 
 def _reply_of(text: str) -> UpstreamReply:
     return UpstreamReply(int(text[:3]), (text[4:],))
+
+
+def _stuffed_dots(data: bytes) -> int:
+    """How many octets ``unstuff`` removes from DATA as received (one per dot-stuffed line)."""
+    return data.count(b"\r\n..") + data.startswith(b"..")
 
 
 def _printable(text: str) -> str:

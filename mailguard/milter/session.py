@@ -22,7 +22,7 @@ import Milter  # type: ignore[import-untyped]
 from mailguard.config.schema import Customer
 from mailguard.core.policy import Decision
 from mailguard.core.verdict import Defer, Reject
-from mailguard.decisionlog import decision_record
+from mailguard.decisionlog import ABANDONED, decision_record
 from mailguard.milter.runtime import MilterRuntime
 
 log = logging.getLogger("mailguard.milter")
@@ -200,7 +200,7 @@ class MailguardMilter(Milter.Base):  # type: ignore[misc]
     def _abort(self, why: str) -> None:
         tx, self.tx = self.tx, None
         if tx is not None:
-            self._log(tx, "aborted", why, rule=why)  # as the gate logs an abandoned transaction
+            self._log(tx, "aborted", why, rule=ABANDONED)
 
     def _log(
         self,

@@ -47,7 +47,7 @@ async def test_message_reaches_upstream_intact(make_gate: MakeGate, upstream: Re
     assert line["customer"] == "acme"
     assert line["rcpts"] == [{"rcpt": "bob@example.org", "reply": "250"}]
     assert line["reply"].startswith("250")
-    assert line["size"] == len(MESSAGE) + 2  # as received: dot-stuffed lines
+    assert line["size"] == len(MESSAGE)  # the message itself, not its dot-stuffed form
 
 
 async def test_rcpt_refusal_mirrored_and_others_delivered(
