@@ -1,14 +1,22 @@
-"""Postfix on the sending side of mailguard (issue 5, item 2): the customer's Postfix relaying
-through ``mailguard serve`` (``relayhost``), and a Postfix whose smtpd consults
-``mailguard milter`` (``smtpd_milters``).  The assertions are on what the sending Postfix logged
-or answered."""
+"""The customer's Postfix sending through mailguard, in both modes (issue 5, item 2).
+
+The customer's Postfix relays everything (``relayhost``) to a door: either ``mailguard serve``
+(whose upstream is a private Postfix that queues), or a private Postfix whose smtpd consults
+``mailguard milter`` (``smtpd_milters``) and queues.  The same four scenarios run through both:
+a clean message passes, the 21st recipient of a campaign is bounced, the 11th copy to one
+recipient is bounced, and with Redis stopped the message is deferred, then sent once Redis is
+back.  The assertions are on what the customer's Postfix logged (sent / bounced / deferred, with
+the door's reply), on what reached the queue behind the door, and on the door's decision log.
+"""
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,102 +28,149 @@ from tests.mta.conftest import PrivatePostfix
 from tests.mta.senders import CUSTOMER_SETTINGS, ConfiguredPostfix, private_postfix
 from tests.mta.test_postfix_upstream import GateProcess, gate_to_postfix  # noqa: F401 (fixture)
 
-RCPTS = [f"user{i}@example.org" for i in range(21)]
-REFUSED = "550 5.7.1 Refused: this message is one of 21 "
+pytestmark = pytest.mark.slow
 
-# One delivery attempt through the gate, as the sending Postfix's smtp client logs it.
+BOB = "bob@example.org"
+CLEAN = b"Subject: Minutes\r\nFrom: Ann <news@acme.example>\r\n\r\nThe minutes are attached.\r\n"
+BULK_REFUSED = (
+    "550 5.7.1 Refused: this message is one of 21 substantively similar messages to "
+    "different recipients in 24h, and this server is not a designated list server "
+    "(AUP: unsolicited bulk e-mail). See https://www.example.net/aup"
+)
+BOMB_REFUSED = (
+    "550 5.7.1 Refused: this would be message 11 of substantively similar messages to "
+    f"<{BOB}> in 24h; at most 10 are allowed (AUP: mail bombing). See https://www.example.net/aup"
+)
+TEMPFAIL = "451 4.3.0 "
+
+# One delivery attempt to the door, as the customer Postfix's smtp client logs it.
 DELIVERY = re.compile(
-    r"smtp\[\d+\]: \w+: to=<([^>]+)>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+, .*"
+    r"smtp\[\d+\]: (\w+): to=<([^>]+)>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+, .*"
     r"status=(\w+) \((.*)\)$",
     re.MULTILINE,
 )
 
 
-@pytest.fixture
-def customer_postfix(
-    tmp_path: Path,
-    gate_to_postfix: GateProcess,  # noqa: F811
-) -> Iterator[ConfiguredPostfix]:
-    """The customer's Postfix, relaying through the gate (whose upstream is postfix_upstream)."""
-    relayhost = f"[127.0.0.1]:{gate_to_postfix.port}"
-    with private_postfix(tmp_path / "customer", relayhost=relayhost, **CUSTOMER_SETTINGS) as pf:
-        yield pf
+@dataclass
+class Delivery:
+    queue_id: str
+    rcpt: str
+    status: str  # sent, bounced, deferred
+    reply: str
 
 
-@pytest.fixture
-def postfix_milter(
-    tmp_path: Path,
-    milter: RunningMilter,  # noqa: F811
-) -> Iterator[ConfiguredPostfix]:
-    """A Postfix whose smtpd asks the milter; it queues what it accepts and delivers nothing."""
-    port = milter.spec.removeprefix("inet:").split("@")[0]
+@dataclass
+class Door:
+    """Where the customer's Postfix relays: the port, the queue behind it, the decision log."""
+
+    name: str
+    port: int
+    queue: PrivatePostfix
+    decisions: Callable[[], list[dict[str, Any]]]
+
+
+@pytest.fixture(params=["gate", "milter"])
+def door(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Door]:
+    if request.param == "gate":
+        gate: GateProcess = request.getfixturevalue("gate_to_postfix")
+        upstream: PrivatePostfix = request.getfixturevalue("postfix_upstream")
+        yield Door("gate", gate.port, upstream, gate.decisions)
+        return
+    running: RunningMilter = request.getfixturevalue("milter")
+    port = running.spec.removeprefix("inet:").split("@")[0]
     with private_postfix(
         tmp_path / "milter-postfix",
         smtpd_milters=f"inet:127.0.0.1:{port}",
         milter_default_action="tempfail",
     ) as pf:
+        yield Door("milter", pf.port, pf, running.decisions)
+
+
+@pytest.fixture
+def customer(tmp_path: Path, door: Door) -> Iterator[ConfiguredPostfix]:
+    """The customer's Postfix, relaying everything to ``door``."""
+    relayhost = f"[127.0.0.1]:{door.port}"
+    with private_postfix(tmp_path / "customer", relayhost=relayhost, **CUSTOMER_SETTINGS) as pf:
         yield pf
 
 
-def wait_for_deliveries(postfix: PrivatePostfix, count: int, timeout: float = 20.0):
-    """(recipient, status, reply) of the first ``count`` final delivery attempts to the gate."""
+def deliveries(postfix: PrivatePostfix, count: int, timeout: float = 20.0) -> list[Delivery]:
+    """The first ``count`` delivery attempts to the door, in the order Postfix logged them."""
     deadline = time.monotonic() + timeout
     while len(found := DELIVERY.findall(postfix.maillog())) < count:
         if time.monotonic() > deadline:
             raise AssertionError(f"{len(found)} of {count} deliveries:\n{postfix.maillog()}")
         time.sleep(0.1)
-    return found
+    return [Delivery(*f) for f in found]
 
 
-@pytest.mark.slow
-async def test_customer_postfix_relays_twenty_copies_and_bounces_the_21st(
-    customer_postfix: ConfiguredPostfix,
-    postfix_upstream: PrivatePostfix,
-    gate_to_postfix: GateProcess,  # noqa: F811
+def said(reply: str) -> str:
+    """The door's reply as Postfix quotes it in a bounce or deferral."""
+    return f"host 127.0.0.1[127.0.0.1] said: {reply}"
+
+
+async def submit(customer: ConfiguredPostfix, rcpt: str, message: bytes) -> None:
+    reply = await send(customer.port, rcpt, message)
+    assert reply.startswith("250 2.0.0 Ok: queued as "), reply
+
+
+async def test_clean_message_is_sent(customer: ConfiguredPostfix, door: Door) -> None:
+    await submit(customer, BOB, CLEAN)
+    [delivery] = deliveries(customer, 1)
+    assert delivery.status == "sent" and delivery.reply.startswith("250 2.0.0 Ok"), delivery
+    assert door.queue.wait_for_recipients(1) == [BOB]
+    [decision] = door.decisions()
+    assert (decision["decision"], decision["customer"], decision["rcpts"]) == (
+        "accept",
+        "acme",
+        [{"rcpt": BOB, "reply": "250"}],
+    )
+
+
+async def test_21st_recipient_of_a_campaign_is_bounced(
+    customer: ConfiguredPostfix, door: Door
 ) -> None:
-    for i, rcpt in enumerate(RCPTS):
-        reply = await send(customer_postfix.port, rcpt, campaign_copy(rcpt, i))
-        assert reply.startswith("250 2.0.0 Ok: queued as "), reply
-
-    deliveries = wait_for_deliveries(customer_postfix, 21)
-    assert len(deliveries) == 21, deliveries
-    sent = [d for d in deliveries if d[1] == "sent"]
-    bounced = [d for d in deliveries if d[1] == "bounced"]
-    assert len(sent) == 20, deliveries
-    assert all(reply.startswith("250 ") for _, _, reply in sent), sent
-    assert len(bounced) == 1, deliveries
-    rcpt, _, reply = bounced[0]
-    assert reply.startswith(f"host 127.0.0.1[127.0.0.1] said: {REFUSED}"), reply
-    assert reply.endswith("(in reply to end of DATA command)"), reply
-    assert sorted(r for r, _, _ in sent) == sorted(set(RCPTS) - {rcpt})
-
-    # The 20 relayed copies reached the gate's upstream; the bounced one did not.
-    assert postfix_upstream.wait_for_recipients(20) == sorted(r for r, _, _ in sent)
-    decisions = [d["decision"] for d in gate_to_postfix.decisions()]
-    assert decisions.count("reject") == 1, decisions
-    # The bounce notice to the customer's own sender went to the local sink, not to the gate.
-    customer_postfix.wait_for_log(r"discard\[\d+\]: \w+: to=<news@acme\.example>")
+    rcpts = [f"user{i}@example.org" for i in range(21)]
+    for i, rcpt in enumerate(rcpts):
+        await submit(customer, rcpt, campaign_copy(rcpt, i))
+    found = deliveries(customer, 21)
+    sent = [d for d in found if d.status == "sent"]
+    bounced = [d for d in found if d.status == "bounced"]
+    assert len(sent) == 20 and len(bounced) == 1, found
+    assert bounced[0].reply == said(BULK_REFUSED) + " (in reply to end of DATA command)"
+    assert door.queue.wait_for_recipients(20) == sorted(d.rcpt for d in sent)
+    assert [d["decision"] for d in door.decisions()].count("reject") == 1
+    # The bounce notice to the customer's own sender went to its local sink, not to the door.
+    customer.wait_for_log(r"discard\[\d+\]: \w+: to=<news@acme\.example>")
 
 
-@pytest.mark.slow
-async def test_postfix_with_the_milter_refuses_the_21st_copy_and_tempfails_without_redis(
-    postfix_milter: ConfiguredPostfix,
-    milter: RunningMilter,  # noqa: F811
-    redis_server: RedisServer,
+async def test_11th_copy_to_one_recipient_is_bounced(
+    customer: ConfiguredPostfix, door: Door
 ) -> None:
-    replies = [
-        await send(postfix_milter.port, rcpt, campaign_copy(rcpt, i))
-        for i, rcpt in enumerate(RCPTS)
-    ]
-    assert all(r.startswith("250 2.0.0 Ok: queued as ") for r in replies[:20]), replies[:20]
-    assert replies[20].startswith(REFUSED), replies[20]
-    assert postfix_milter.wait_for_recipients(20) == sorted(RCPTS[:20])
-    assert [d["decision"] for d in milter.decisions()][-1] == "reject"
+    for i in range(11):
+        await submit(customer, BOB, campaign_copy(BOB, i))
+    found = deliveries(customer, 11)
+    assert [d.status for d in found] == ["sent"] * 10 + ["bounced"], found
+    assert found[10].reply == said(BOMB_REFUSED) + " (in reply to end of DATA command)"
+    assert door.queue.wait_for_recipients(10) == [BOB] * 10
+    decision = door.decisions()[-1]
+    assert (decision["rule"], decision["numbers"]["count"]) == ("mailbomb", 11), decision
 
+
+async def test_redis_stopped_defers_and_the_retry_is_sent(
+    customer: ConfiguredPostfix, door: Door, redis_server: RedisServer
+) -> None:
     redis_server.stop()
     try:
-        reply = await send(postfix_milter.port, "late@example.org", b"Subject: hi\r\n\r\nhi\r\n")
+        await submit(customer, BOB, CLEAN)
+        [delivery] = deliveries(customer, 1)
     finally:
         redis_server.start()
-    assert reply.startswith("451 4.3.0"), reply
-    assert "late@example.org" not in postfix_milter.recipients()
+    assert delivery.status == "deferred", delivery
+    assert delivery.reply.startswith(said(TEMPFAIL)), delivery
+    # Postfix retries the same queue file (queue_run_delay 1s) and the door now accepts it.
+    retried = deliveries(customer, 2)[1]
+    assert (retried.queue_id, retried.status) == (delivery.queue_id, "sent"), retried
+    assert door.queue.wait_for_recipients(1) == [BOB]
+    assert [d["decision"] for d in door.decisions()] == ["defer", "accept"]
+    assert door.decisions()[0]["rule"] == "store_failure"
