@@ -147,16 +147,6 @@ def redis_url(redis_server: RedisServer) -> str:
 # -- Redis Cluster ---------------------------------------------------------------------------
 
 
-def collect_leaked_connections() -> None:
-    """Run the garbage collector with ResourceWarnings silenced (for known-failing tests)."""
-    import gc
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
-
-
 def free_cluster_port() -> int:
     """A TCP port that is free, and whose cluster bus port (+10000) is free too."""
     while True:

@@ -40,7 +40,7 @@ from mailguard.core.fingerprint.sketch import (
 from mailguard.store.base import StoreError
 from mailguard.store.clustering import ClusterKeys, ClusterStore, lanes_needed
 from mailguard.store.redis_store import RedisStore
-from tests.conftest import RedisServer, collect_leaked_connections
+from tests.conftest import RedisServer
 
 NOW = 1_700_000_000.25
 DAY = 86400.0
@@ -528,14 +528,6 @@ async def test_the_script_checks_its_arguments(store: RedisStore) -> None:
 # -- Redis Cluster ---------------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.filterwarnings("ignore::ResourceWarning")
-@pytest.mark.xfail(
-    reason="on the 3-node cluster, 50 concurrent script calls through redis-py 8.1's asyncio "
-    "RedisCluster hit 'Connection closed by server' / a connection without a writer; "
-    "sequential calls pass (tests/store/test_redis_store.py); open in issue 4",
-    strict=False,
-)
 async def test_cluster(cluster_url: str) -> None:
     store = RedisStore(cluster_url, timeout=1.0)
     clusters = ClusterStore(store, DAY)
@@ -548,9 +540,6 @@ async def test_cluster(cluster_url: str) -> None:
         assert await clusters.assign(customer, exact(3), NOW) not in ids
     finally:
         await store.close()
-        # A failed run leaves redis-py cluster connections behind: collect them here, not as
-        # ResourceWarnings in whichever test happens to run the garbage collector next.
-        collect_leaked_connections()
 
 
 # -- the model -------------------------------------------------------------------------------
