@@ -1,11 +1,12 @@
 """The AUP's e-mail rules at end of DATA: the async steps between the pure core and the store.
 
 Responsible for: one message's way through the rules, for every door (the gate now, the milter
-later): fingerprint the message (pure), assign its campaign (one atomic script), look up opt-in
-records when the sender is a designated list server (one HMGET), reserve the message in the
-campaign's counters (one atomic script, all or nothing), and let the pure core decide.  The
-door then settles the reservation: commit when the upstream accepted the message, release
-otherwise, so only what was sent counts.
+later): fingerprint the message (pure), look up opt-in records when the sender is a designated
+list server (one HMGET), assign its campaign and reserve the message in the campaign's counters
+(one atomic script for both, all or nothing: ``store.counting.CampaignDecider``), and let the pure
+core decide.  The door then settles the reservation (one script): commit when the upstream
+accepted the message, release otherwise, so only what was sent counts.  So a message costs two
+store round trips (three from a designated list server).
 Must never: speak SMTP, decide policy itself (``mailguard.core`` does), or read the clock (``now``
 is passed in).
 """
@@ -16,8 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
+from functools import lru_cache
 
-from mailguard.config.schema import Customer, PolicyConfig
+from mailguard.config.schema import CampaignLimits, Customer, PolicyConfig
 from mailguard.core.customers import in_networks
 from mailguard.core.fingerprint import fingerprint
 from mailguard.core.policy import Decision, Policy
@@ -30,7 +32,13 @@ from mailguard.core.rules.campaign import (
 )
 from mailguard.optin.store import OptInStore
 from mailguard.store.clustering import ClusterStore
-from mailguard.store.counting import CampaignCounter, CountingParams, Reservation, Verdict
+from mailguard.store.counting import (
+    CampaignCounter,
+    CampaignDecider,
+    CountingParams,
+    Reservation,
+    Verdict,
+)
 from mailguard.store.inspection import Inspection
 from mailguard.store.redis_store import RedisStore
 
@@ -58,12 +66,32 @@ class ListHeaders:
     def of(cls, message: bytes) -> ListHeaders:
         end = message.find(b"\r\n\r\n")
         head = message if end < 0 else message[: end + 2]
+        if b"list-" not in head.lower():  # none of the three (most mail): skip the parser
+            return _NO_LIST_HEADERS
         parsed = _HEADERS.parsebytes(head)
         return cls(
             str(parsed.get("List-Id", "") or ""),
             bool(str(parsed.get("List-Unsubscribe", "") or "").strip()),
             has_one_click([str(v) for v in parsed.get_all("List-Unsubscribe-Post", [])]),
         )
+
+
+_NO_LIST_HEADERS = ListHeaders("", False, False)
+
+
+@lru_cache(maxsize=256)
+def _counting_params(limits: CampaignLimits) -> CountingParams:
+    return CountingParams(
+        bulk_recipients=limits.bulk_recipients,
+        bulk_window=limits.bulk_window,
+        mailbomb_messages=limits.mailbomb_messages,
+        mailbomb_window=limits.mailbomb_window,
+    )
+
+
+@lru_cache(maxsize=256)
+def _lowered(senders: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(s.lower() for s in senders)
 
 
 def unstuff(data: bytes) -> bytes:
@@ -80,6 +108,7 @@ class CampaignEnforcer:
         longest bulk or mail-bomb window of any customer."""
         self.clusters = ClusterStore(store, window)
         self.counter = CampaignCounter(store)
+        self.decider = CampaignDecider(self.clusters, self.counter)
         self.optin = OptInStore(store)
         self.inspection = Inspection(store)
         self.policy_config = policy_config
@@ -101,10 +130,10 @@ class CampaignEnforcer:
         upstream accepted the message, release otherwise.  Raises ``StoreError``.
         """
         limits = customer.limits(self.policy_config)
-        campaign = await self.clusters.assign(customer.id, fingerprint(message, recipients), now)
+        fp = fingerprint(message, recipients)
         headers = ListHeaders.of(message)
         designated = customer.bulk_sender or in_networks(client_ip, customer.bulk_networks)
-        transactional = mail_from.lower() in {s.lower() for s in customer.transactional_senders}
+        transactional = mail_from.lower() in _lowered(customer.transactional_senders)
         if designated and not transactional:
             optin = tuple(await self.optin.has_confirmed(customer.id, headers.list_id, recipients))
         else:
@@ -112,18 +141,12 @@ class CampaignEnforcer:
         sender = SenderFacts(
             designated, transactional, optin, headers.list_unsubscribe, headers.one_click
         )
-        params = CountingParams(
-            bulk_recipients=limits.bulk_recipients,
-            bulk_window=limits.bulk_window,
-            mailbomb_messages=limits.mailbomb_messages,
-            mailbomb_window=limits.mailbomb_window,
-        )
-        result = await self.counter.reserve(
+        campaign, result = await self.decider.assign_and_reserve(
             customer.id,
-            campaign,
+            fp,
             recipients,
             now,
-            params=params,
+            params=_counting_params(limits),
             excused=excused(sender),
             reservation_id=reservation_id,
         )

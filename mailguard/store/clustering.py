@@ -174,6 +174,15 @@ class ClusterStore:
         ``ValueError`` for an empty customer or a non-finite ``now``; ``StoreError`` if the store
         fails (after a timeout the script may have run; repeating the call returns the same id).
         """
+        keys, args = self.script_call(customer, fp, now)
+        raw = await self.store._run("cluster_assign", lambda: self._assign(keys=keys, args=args))
+        return decode_id(raw[0])
+
+    def script_call(
+        self, customer: str, fp: Fingerprint, now: float
+    ) -> tuple[list[str], list[str | bytes]]:
+        """KEYS and ARGV of ``lua/cluster_assign.lua`` for this message (also used by
+        ``counting.CampaignDecider``, which runs the same script body)."""
         now_s = _num("now", now)
         new_id = new_cluster_id(fp, float(now))
         if not _ID.match(new_id):  # the script stores ids at a fixed width
@@ -181,6 +190,9 @@ class ClusterStore:
         keys = self.keys(customer).script_keys(fp)
         args: list[str | bytes] = [now_s, self._window, fp.to_bytes(), self._need, new_id]
         args += self._limits
-        raw = await self.store._run("cluster_assign", lambda: self._assign(keys=keys, args=args))
-        cluster_id = raw[0]
-        return cluster_id.decode("ascii") if isinstance(cluster_id, bytes) else str(cluster_id)
+        return keys, args
+
+
+def decode_id(raw: bytes | str) -> str:
+    """A cluster id as the script returns it."""
+    return raw.decode("ascii") if isinstance(raw, bytes) else str(raw)

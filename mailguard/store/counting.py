@@ -32,11 +32,12 @@ Semantics (the scripts' headers say the same in Lua terms):
   campaign stays bulk until it has been silent for a whole ``bulk_window``.  The distinct count
   reported for a marked campaign is therefore a lower bound (``bulk_recipients`` + the recipients
   past it in this message), which is exactly "one of 21" for the first refused recipient.
-* **Mail bomb.**  Per campaign and recipient a true sliding log (a sorted set of send times, one
-  member per message): committed sends within ``mailbomb_window`` plus live reservations, this
-  message included.  Message number ``mailbomb_messages + 1`` to one recipient within any
-  ``mailbomb_window`` is refused (``MAILBOMB``), excused or not.  A recipient refused by both
-  rules reports ``MAILBOMB``.
+* **Mail bomb.**  Per campaign and recipient a true sliding log of committed sends (a sorted set
+  of commit times, one member per message) plus the recipient's live reservations (a count in the
+  campaign's ``pend`` hash), this message included.  Message number ``mailbomb_messages + 1`` to
+  one recipient within any ``mailbomb_window`` is refused (``MAILBOMB``), excused or not.  A
+  recipient refused by both rules reports ``MAILBOMB``.  Every live reservation counts, however
+  old (a reservation lives ``reservation_ttl``, normally far shorter than the window).
 * **Recipients** are normalized (``<>`` and whitespace stripped, lower-cased) and stored as a
   128-bit BLAKE2b hash, so keys and members stay small and no address is stored.  The same
   recipient twice in one message counts once.
@@ -46,13 +47,17 @@ Semantics (the scripts' headers say the same in Lua terms):
   on Redis Cluster; every key a script touches is in its KEYS)::
 
       {prefix}:{{customer}}:cust:camp:{campaign}:sent        ZSET rcpt hash -> last send time
-      {prefix}:{{customer}}:cust:camp:{campaign}:held        HASH rcpt hash -> live holds
+      {prefix}:{{customer}}:cust:camp:{campaign}:held        HASH rcpt hash -> live holds (set)
+      {prefix}:{{customer}}:cust:camp:{campaign}:pend        HASH rcpt hash -> live holds (all)
       {prefix}:{{customer}}:cust:camp:{campaign}:resv        HASH reservation id -> JSON record
       {prefix}:{{customer}}:cust:camp:{campaign}:resx        ZSET reservation id -> expiry
       {prefix}:{{customer}}:cust:camp:{campaign}:bulk_until  STRING time the bulk mark ends
-      {prefix}:{{customer}}:cust:camp:{campaign}:mb:{hash}   ZSET p:<id>/c:<id> -> time
+      {prefix}:{{customer}}:cust:camp:{campaign}:mb:{hash}   ZSET c:<id> -> commit time
 
   Every key written gets ``PEXPIRE max(bulk_window, mailbomb_window) + reservation_ttl``.
+* **Cost.**  A reserve reads with a fixed number of commands plus one ``ZCOUNT`` per recipient
+  and writes only the campaign's hashes (no per-recipient key); entries that left a window are
+  ignored when reading and trimmed by the commit that writes the key.  No command scans a log.
 """
 
 from __future__ import annotations
@@ -63,7 +68,10 @@ import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 
+from mailguard.core.fingerprint.sketch import Fingerprint
+from mailguard.store.clustering import ClusterStore, decode_id
 from mailguard.store.redis_store import RedisStore, lua_script
 
 CAMPAIGN = "camp"
@@ -187,6 +195,7 @@ class CampaignKeys:
 
     sent: str
     held: str
+    pend: str
     resv: str
     resx: str
     bulk_until: str
@@ -198,16 +207,21 @@ class CampaignKeys:
         if not campaign:
             raise ValueError("campaign id must not be empty")
 
-        def key(part: str) -> str:
-            return store.keys.customer_key(customer, CAMPAIGN, campaign, part)
-
+        # The parts are fixed names that need no escaping: escape the variable segments once.
+        base = store.keys.customer_key(customer, CAMPAIGN, campaign) + ":"
         return cls(
-            key("sent"), key("held"), key("resv"), key("resx"), key("bulk_until"), key("mb") + ":"
+            base + "sent",
+            base + "held",
+            base + "pend",
+            base + "resv",
+            base + "resx",
+            base + "bulk_until",
+            base + "mb:",
         )
 
     def script_keys(self, recipient_keys: Sequence[str]) -> list[str]:
-        """KEYS for both scripts: the five campaign keys, then one log per recipient."""
-        fixed = [self.sent, self.held, self.resv, self.resx, self.bulk_until]
+        """KEYS for both scripts: the six campaign keys, then one log per recipient."""
+        fixed = [self.sent, self.held, self.pend, self.resv, self.resx, self.bulk_until]
         return fixed + [self.mailbomb_prefix + k for k in recipient_keys]
 
 
@@ -216,6 +230,82 @@ def _num(name: str, value: float) -> str:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, not {value!r}")
     return repr(value)  # shortest text that round-trips: Redis parses back the same double
+
+
+@dataclass(frozen=True, slots=True)
+class _ReserveCall:
+    """One reserve call's arguments, and what its result is parsed with."""
+
+    customer: str
+    recipients: Sequence[str]
+    recipient_keys: list[str]  # recipient_key() of each recipient, in the order given
+    unique: list[str]  # distinct recipient keys, in the order reserved
+    args: list[str]  # campaign_reserve.lua's ARGV
+    rid: str
+    now: float
+    params: CountingParams
+
+    def result(self, campaign: str, raw: Sequence[int | bytes]) -> ReserveResult:
+        values = [int(v) for v in raw]
+        by_key = {
+            rkey: (Verdict(values[3 + 3 * i]), values[4 + 3 * i], values[5 + 3 * i])
+            for i, rkey in enumerate(self.unique)
+        }
+        results = tuple(
+            RecipientResult(recipient, rkey, *by_key[rkey])
+            for recipient, rkey in zip(self.recipients, self.recipient_keys, strict=True)
+        )
+        reservation = None
+        if values[0] == 1:
+            reservation = Reservation(
+                self.customer,
+                campaign,
+                self.rid,
+                tuple(self.unique),
+                float(self.now) + self.params.reservation_ttl,
+            )
+        return ReserveResult(reservation, results, values[1], values[2] == 1, self.params)
+
+
+def _reserve_call(
+    customer: str,
+    recipients: Sequence[str],
+    now: float,
+    params: CountingParams | None,
+    excused: Sequence[bool] | None,
+    reservation_id: str | None,
+) -> _ReserveCall:
+    """Check and convert the arguments of a reserve (``ValueError`` / ``TypeError``)."""
+    params = params or CountingParams()
+    if isinstance(recipients, str):
+        raise TypeError("recipients must be a sequence of addresses, not one string")
+    if not recipients:
+        raise ValueError("a message needs at least one recipient")
+    flags = [False] * len(recipients) if excused is None else [bool(e) for e in excused]
+    if len(flags) != len(recipients):
+        raise ValueError("excused must have one flag per recipient")
+    rid = uuid.uuid4().hex if reservation_id is None else reservation_id
+    if not rid or len(rid) > MAX_RESERVATION_ID:
+        raise ValueError(f"reservation id must be 1..{MAX_RESERVATION_ID} characters")
+    if not customer:
+        raise ValueError("customer id must not be empty")
+    rkeys = [recipient_key(r) for r in recipients]
+    # One entry per distinct recipient, excused if any of its copies is.
+    order: dict[str, bool] = {}
+    for rkey, flag in zip(rkeys, flags, strict=True):
+        order[rkey] = order.get(rkey, False) or flag
+    args = [
+        _num("now", now),
+        rid,
+        str(params.bulk_recipients),
+        _num("bulk_window", params.bulk_window),
+        str(params.mailbomb_messages),
+        _num("mailbomb_window", params.mailbomb_window),
+        _num("reservation_ttl", params.reservation_ttl),
+    ]
+    for rkey, flag in order.items():
+        args += [rkey, "1" if flag else "0"]
+    return _ReserveCall(customer, recipients, rkeys, list(order), args, rid, now, params)
 
 
 class CampaignCounter:
@@ -244,54 +334,12 @@ class CampaignCounter:
         repeated call with the same id returns the first answer without counting twice.
         ``ValueError`` for bad arguments, ``StoreError`` if the store fails.
         """
-        params = params or CountingParams()
-        if isinstance(recipients, str):
-            raise TypeError("recipients must be a sequence of addresses, not one string")
-        if not recipients:
-            raise ValueError("a message needs at least one recipient")
-        flags = [False] * len(recipients) if excused is None else [bool(e) for e in excused]
-        if len(flags) != len(recipients):
-            raise ValueError("excused must have one flag per recipient")
-        rid = uuid.uuid4().hex if reservation_id is None else reservation_id
-        if not rid or len(rid) > MAX_RESERVATION_ID:
-            raise ValueError(f"reservation id must be 1..{MAX_RESERVATION_ID} characters")
-        keys = CampaignKeys.of(self.store, customer, campaign)
-        rkeys = [recipient_key(r) for r in recipients]
-        # One entry per distinct recipient, excused if any of its copies is.
-        order: dict[str, bool] = {}
-        for rkey, flag in zip(rkeys, flags, strict=True):
-            order[rkey] = order.get(rkey, False) or flag
-        unique = list(order)
-        script_keys = keys.script_keys(unique)
-        args = [
-            _num("now", now),
-            rid,
-            str(params.bulk_recipients),
-            _num("bulk_window", params.bulk_window),
-            str(params.mailbomb_messages),
-            _num("mailbomb_window", params.mailbomb_window),
-            _num("reservation_ttl", params.reservation_ttl),
-        ]
-        for rkey in unique:
-            args += [rkey, "1" if order[rkey] else "0"]
+        call = _reserve_call(customer, recipients, now, params, excused, reservation_id)
+        script_keys = CampaignKeys.of(self.store, customer, campaign).script_keys(call.unique)
         raw = await self.store._run(
-            "campaign_reserve", lambda: self._reserve(keys=script_keys, args=args)
+            "campaign_reserve", lambda: self._reserve(keys=script_keys, args=call.args)
         )
-        values = [int(v) for v in raw]
-        by_key = {
-            rkey: (Verdict(values[3 + 3 * i]), values[4 + 3 * i], values[5 + 3 * i])
-            for i, rkey in enumerate(unique)
-        }
-        results = tuple(
-            RecipientResult(recipient, rkey, *by_key[rkey])
-            for recipient, rkey in zip(recipients, rkeys, strict=True)
-        )
-        reservation = None
-        if values[0] == 1:
-            reservation = Reservation(
-                customer, campaign, rid, tuple(unique), float(now) + params.reservation_ttl
-            )
-        return ReserveResult(reservation, results, values[1], values[2] == 1, params)
+        return call.result(campaign, raw)
 
     async def settle(self, reservation: Reservation, *, commit: bool, now: float) -> SettleOutcome:
         """Commit (the upstream accepted) or release (it did not) ``reservation``; idempotent."""
@@ -311,3 +359,63 @@ class CampaignCounter:
     async def release(self, reservation: Reservation, now: float) -> SettleOutcome:
         """The message was not sent: forget the reservation, as if it never happened."""
         return await self.settle(reservation, commit=False, now=now)
+
+
+@cache
+def decide_script() -> str:
+    """``lua/campaign_decide.lua`` with the functions it calls: the bodies of
+    ``cluster_assign.lua`` and ``campaign_reserve.lua``, each unchanged as a function of its own
+    KEYS and ARGV."""
+    parts = [
+        f"local function {name}(KEYS, ARGV)\n{lua_script(name)}\nend\n"
+        for name in ("cluster_assign", "campaign_reserve")
+    ]
+    return "".join(parts) + lua_script("campaign_decide")
+
+
+class CampaignDecider:
+    """A message's campaign assignment and reservation in ONE atomic script call.
+
+    The same as :meth:`ClusterStore.assign` followed by :meth:`CampaignCounter.reserve` in the
+    assigned campaign (both scripts' bodies run unchanged inside ``lua/campaign_decide.lua``),
+    with one round trip instead of two.  Every key is the customer's (one hash tag), so the
+    script runs on Redis Cluster too.  Settle with ``counter``.
+    """
+
+    def __init__(self, clusters: ClusterStore, counter: CampaignCounter) -> None:
+        if clusters.store is not counter.store:
+            raise ValueError("the cluster store and the counter must share one RedisStore")
+        self.clusters = clusters
+        self.counter = counter
+        self.store = counter.store
+        self._decide = self.store.script(decide_script())
+        self._prefixes: dict[str, str] = {}
+
+    def _campaign_prefix(self, customer: str) -> str:
+        found = self._prefixes.get(customer)
+        if found is None:
+            found = self.store.keys.customer_key(customer, CAMPAIGN) + ":"
+            if len(self._prefixes) >= 4096:
+                self._prefixes.clear()
+            self._prefixes[customer] = found
+        return found
+
+    async def assign_and_reserve(
+        self,
+        customer: str,
+        fp: Fingerprint,
+        recipients: Sequence[str],
+        now: float,
+        *,
+        params: CountingParams | None = None,
+        excused: Sequence[bool] | None = None,
+        reservation_id: str | None = None,
+    ) -> tuple[str, ReserveResult]:
+        """The campaign of ``customer``'s message with fingerprint ``fp``, and the result of
+        reserving it there (arguments and errors as for the two methods it combines)."""
+        call = _reserve_call(customer, recipients, now, params, excused, reservation_id)
+        keys, assign_args = self.clusters.script_call(customer, fp, now)
+        args = [*assign_args, self._campaign_prefix(customer), *call.args]
+        raw = await self.store._run("campaign_decide", lambda: self._decide(keys=keys, args=args))
+        campaign = decode_id(raw[0])
+        return campaign, call.result(campaign, raw[2])

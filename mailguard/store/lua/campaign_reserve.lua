@@ -1,17 +1,23 @@
 -- campaign_reserve.lua: decide one message of a campaign (bulk + mail bomb) and, only if every
 -- recipient is allowed, reserve it.  All-or-nothing: one refused recipient, nothing reserved.
+-- Also the body of a function in campaign_decide (counting.decide_script): it uses only its
+-- KEYS and ARGV and returns its result (errors as an error table).
 --
 -- KEYS[1]  sorted set "sent": recipient hash -> time of its last committed send, for the
 --          recipients counted in the bulk distinct set (keys: counting.CampaignKeys.sent).
+--          Entries older than the bulk window are ignored here and trimmed by commits.
 -- KEYS[2]  hash "held": recipient hash -> number of live reservations holding it in the set.
--- KEYS[3]  hash "resv": reservation id -> JSON record {e = expiry (text), h = [hashes],
+-- KEYS[3]  hash "pend": recipient hash -> number of live reservations to it (every recipient of
+--          a reservation, in the set or past the threshold): the mail-bomb rule's holds.
+-- KEYS[4]  hash "resv": reservation id -> JSON record {e = expiry (text), h = [hashes],
 --          k = [1 counted in the set | 0 past the threshold], w = bulk window (text),
---          x = key ttl in ms (text), r = this script's return value (for replays)}.
--- KEYS[4]  sorted set "resx": reservation id -> expiry time (for lazy purging).
--- KEYS[5]  string "bulk_until": the campaign is bulk while now < this time (refreshed by commits).
--- KEYS[5+i] sorted set "mb" of recipient i: the mail-bomb log of this campaign to this recipient;
---          members "p:<id>" (reserved, counts while reservation <id> is live) and "c:<id>"
---          (committed), scores the reserve / commit times.
+--          m = mail-bomb window (text), x = key ttl in ms (text), r = this script's return
+--          value (for replays)}.
+-- KEYS[5]  sorted set "resx": reservation id -> expiry time (for lazy purging).
+-- KEYS[6]  string "bulk_until": the campaign is bulk while now < this time (refreshed by commits).
+-- KEYS[6+i] sorted set "mb" of recipient i: the mail-bomb log of this campaign to this recipient,
+--          committed sends only: member "c:<id>", score the commit time.  Read with one ZCOUNT;
+--          trimmed by commits.
 -- ARGV[1]  now: Unix seconds (float, as text) from the caller's clock; never the server's TIME.
 -- ARGV[2]  reservation id (unique per message attempt; a replayed call returns the first answer).
 -- ARGV[3]  bulk_recipients (int >= 0)    ARGV[4]  bulk_window (s > 0)
@@ -31,11 +37,11 @@
 --    message included; above mailbomb_messages the recipient is MAILBOMB (5), excused or not.
 --  * A reservation is live while now < its expiry (now + reservation_ttl at reserve time).
 --
--- Writes:  always: purges reservations whose expiry <= now (un-holding their recipients), trims
---          entries older than the windows and stale "p:" members of the recipients' logs (dropping
---          only what no longer counts).  Only if every recipient is allowed: the reservation record,
---          its expiry, the holds, "p:<id>" (score now) in every recipient's log.  Every key written
---          gets PEXPIRE max(bulk_window, mailbomb_window) + reservation_ttl.
+-- Writes:  always: purges reservations whose expiry <= now (un-holding their recipients in "held"
+--          and "pend").  Only if every recipient is allowed: the reservation record, its expiry,
+--          the holds ("held" for recipients in the set, "pend" for all).  No per-recipient key is
+--          written.  Every key written gets PEXPIRE max(bulk_window, mailbomb_window) +
+--          reservation_ttl.
 -- Returns: array {reserved (1|0), distinct, bulk (1|0), then per recipient: code, number, mb}
 --          where distinct = the bulk set's size with this message's recipients (beyond the
 --          threshold: at least bulk_recipients + the recipients past it), number = the recipient's
@@ -49,22 +55,33 @@ local bulk_window = tonumber(ARGV[4])
 local mb_max = tonumber(ARGV[5])
 local mb_window = tonumber(ARGV[6])
 local ttl = tonumber(ARGV[7])
-local n = #KEYS - 5
+local n = #KEYS - 6
 if not now or id == nil or id == '' or not bulk_max or bulk_max < 0 or not bulk_window
     or bulk_window <= 0 or not mb_max or mb_max < 0 or not mb_window or mb_window <= 0
     or not ttl or ttl <= 0 or n < 1 or #ARGV ~= 7 + 2 * n then
   return redis.error_reply('campaign_reserve: bad KEYS/ARGV')
 end
-local SENT, HELD, RESV, RESX, BULK = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local SENT, HELD, PEND, RESV, RESX, BULK = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local NEW, SEEN, EXCUSED, REFUSED_BULK, REFUSED_MAILBOMB = 1, 2, 3, 4, 5
+local CHUNK = 1000 -- arguments unpacked onto Lua's C stack at a time
 
 -- %.17g keeps every bit of the double (Lua's default tostring keeps only 14 digits).
 local function fmt(x) return string.format('%.17g', x) end
 local key_ttl = math.max(bulk_window, mb_window) + ttl
 local key_ttl_ms = string.format('%.0f', math.ceil(key_ttl * 1000))
 
-local function unhold(h)
-  if redis.call('HINCRBY', HELD, h, -1) <= 0 then redis.call('HDEL', HELD, h) end
+-- redis.call(cmd, key, list...) in chunks; the replies concatenated (for ZMSCORE / HMGET).
+local function call_list(cmd, key, list)
+  local out = {}
+  for first = 1, #list, CHUNK do
+    local part = redis.call(cmd, key, unpack(list, first, math.min(#list, first + CHUNK - 1)))
+    for _, v in ipairs(part) do out[#out + 1] = v end
+  end
+  return out
+end
+
+local function unhold(hash, h)
+  if redis.call('HINCRBY', hash, h, -1) <= 0 then redis.call('HDEL', hash, h) end
 end
 
 -- 1. Lazily purge expired reservations: they no longer hold anything.
@@ -73,7 +90,8 @@ for _, rid in ipairs(redis.call('ZRANGEBYSCORE', RESX, '-inf', now_s)) do
   if rec then
     local r = cjson.decode(rec)
     for j, h in ipairs(r.h) do
-      if r.k[j] == 1 then unhold(h) end
+      if r.k[j] == 1 then unhold(HELD, h) end
+      unhold(PEND, h)
     end
     redis.call('HDEL', RESV, rid)
   end
@@ -84,20 +102,22 @@ end
 local previous = redis.call('HGET', RESV, id)
 if previous then return cjson.decode(previous).r end
 
--- 3. The bulk set as it stands.
-redis.call('ZREMRANGEBYSCORE', SENT, '-inf', fmt(now - bulk_window))
-local set_size = redis.call('ZCARD', SENT)
-for _, h in ipairs(redis.call('HKEYS', HELD)) do
-  if not redis.call('ZSCORE', SENT, h) then set_size = set_size + 1 end
+-- 3. The bulk set as it stands: sends in the window, plus held recipients without one.
+local bulk_cutoff = now - bulk_window
+local set_size = redis.call('ZCOUNT', SENT, '(' .. fmt(bulk_cutoff), '+inf')
+local held_keys = redis.call('HKEYS', HELD)
+if #held_keys > 0 then
+  local scores = call_list('ZMSCORE', SENT, held_keys)
+  for j = 1, #held_keys do
+    local s = scores[j] and tonumber(scores[j])
+    if not (s and s > bulk_cutoff) then set_size = set_size + 1 end
+  end
 end
 local bulk_until = tonumber(redis.call('GET', BULK) or '')
 local marked_bulk = bulk_until ~= nil and now < bulk_until
 
 -- 4. Decide every recipient.
-local mb_cutoff = fmt(now - mb_window)
-local new, past = 0, 0
-local allowed = true
-local hashes, kinds, numbers, codes, counts = {}, {}, {}, {}, {}
+local hashes = {}
 local seen_in_call = {}
 for i = 1, n do
   local h = ARGV[6 + 2 * i]
@@ -106,8 +126,19 @@ for i = 1, n do
   end
   seen_in_call[h] = true
   hashes[i] = h
+end
+local sent_scores = call_list('ZMSCORE', SENT, hashes)
+local held = call_list('HMGET', HELD, hashes)
+local pend = call_list('HMGET', PEND, hashes)
+local mb_from = '(' .. fmt(now - mb_window)
+local new, past = 0, 0
+local allowed = true
+local kinds, numbers, codes, counts = {}, {}, {}, {}
+for i = 1, n do
+  local h = hashes[i]
   local code, number
-  if redis.call('ZSCORE', SENT, h) or redis.call('HEXISTS', HELD, h) == 1 then
+  local s = sent_scores[i] and tonumber(sent_scores[i])
+  if (s and s > bulk_cutoff) or held[i] then
     code, number, kinds[i] = SEEN, 0, 1
   elseif not marked_bulk and set_size + new < bulk_max then
     new = new + 1
@@ -122,21 +153,8 @@ for i = 1, n do
       code = REFUSED_BULK
     end
   end
-  local log = KEYS[5 + i]
-  redis.call('ZREMRANGEBYSCORE', log, '-inf', mb_cutoff)
-  local count = 1 -- this message
-  for _, m in ipairs(redis.call('ZRANGE', log, 0, -1)) do
-    if string.sub(m, 1, 2) == 'c:' then
-      count = count + 1
-    else
-      local expiry = redis.call('ZSCORE', RESX, string.sub(m, 3))
-      if expiry and now < tonumber(expiry) then
-        count = count + 1
-      else
-        redis.call('ZREM', log, m) -- its reservation expired or was settled
-      end
-    end
-  end
+  -- committed sends in the window + live reservations + this message
+  local count = redis.call('ZCOUNT', KEYS[6 + i], mb_from, '+inf') + (tonumber(pend[i]) or 0) + 1
   if count > mb_max then code = REFUSED_MAILBOMB end
   if code == REFUSED_BULK or code == REFUSED_MAILBOMB then allowed = false end
   codes[i], numbers[i], counts[i] = code, number, count
@@ -152,16 +170,27 @@ for i = 1, n do
 end
 if not allowed then return result end
 
--- 5. Reserve.
-local expiry_s = fmt(now + ttl)
-local member = 'p:' .. id
+-- 5. Reserve: the holds (one HSET per hash), the record and its expiry.
+local held_set, pend_set = {}, {}
 for i = 1, n do
-  if kinds[i] == 1 then redis.call('HINCRBY', HELD, hashes[i], 1) end
-  redis.call('ZADD', KEYS[5 + i], now_s, member)
-  redis.call('PEXPIRE', KEYS[5 + i], key_ttl_ms)
+  if kinds[i] == 1 then
+    held_set[#held_set + 1] = hashes[i]
+    held_set[#held_set + 1] = (tonumber(held[i]) or 0) + 1
+  end
+  pend_set[#pend_set + 1] = hashes[i]
+  pend_set[#pend_set + 1] = (tonumber(pend[i]) or 0) + 1
 end
+for first = 1, #held_set, CHUNK do
+  redis.call('HSET', HELD, unpack(held_set, first, math.min(#held_set, first + CHUNK - 1)))
+end
+for first = 1, #pend_set, CHUNK do
+  redis.call('HSET', PEND, unpack(pend_set, first, math.min(#pend_set, first + CHUNK - 1)))
+end
+local expiry_s = fmt(now + ttl)
 redis.call('HSET', RESV, id, cjson.encode({
-  e = expiry_s, h = hashes, k = kinds, w = fmt(bulk_window), x = key_ttl_ms, r = result}))
+  e = expiry_s, h = hashes, k = kinds, w = fmt(bulk_window), m = fmt(mb_window), x = key_ttl_ms,
+  r = result}))
 redis.call('ZADD', RESX, expiry_s, id)
-for _, key in ipairs({HELD, RESV, RESX}) do redis.call('PEXPIRE', key, key_ttl_ms) end
+if #held_set > 0 then redis.call('PEXPIRE', HELD, key_ttl_ms) end
+for _, key in ipairs({PEND, RESV, RESX}) do redis.call('PEXPIRE', key, key_ttl_ms) end
 return result
