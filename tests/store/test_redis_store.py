@@ -335,3 +335,22 @@ async def test_cluster_unreachable_is_a_store_error() -> None:
         assert time.monotonic() - started < 1.5
     finally:
         await store.close()
+
+
+def test_fast_packing_packs_what_redis_py_packs() -> None:
+    from redis.asyncio.connection import Connection
+    from redis.exceptions import DataError
+
+    from mailguard.store.redis_store import fast_packing
+
+    fast, plain = fast_packing(Connection)(), Connection()
+    assert fast_packing(Connection) is type(fast)  # one class per base class
+    for args in [
+        ("EVALSHA", "a" * 40, 2, "mg:{acme}:cust:x", "k2", b"\x00\xff" * 130, "1.5", "é"),
+        ("CLIENT SETINFO", "LIB-VER", "8.1.0"),  # a two-word name: redis-py splits it
+        ("SET", "k", 1.1),  # floats: redis-py's repr()
+        ("SET", "k", memoryview(b"v")),
+    ]:
+        assert b"".join(fast.pack_command(*args)) == b"".join(plain.pack_command(*args))
+    with pytest.raises(DataError):
+        fast.pack_command("SET", "k", True)
