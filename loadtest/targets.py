@@ -158,9 +158,18 @@ def gate_config(
     mode: str,
     workdir: Path,
     server_extra: dict[str, str] | None = None,
+    store_url: str = "embedded",
+    policy: dict[str, str] | None = None,
 ) -> str:
-    """The gate's TOML configuration for one run (one customer ``load``, 127.0.0.0/8)."""
+    """The gate's TOML configuration for one run (one customer ``load``, 127.0.0.0/8).
+
+    ``store_url``: ``[store] url`` (a shared redis-server for several gates); ``policy``: the
+    ``[policy]`` lines after ``mode`` (TOML values; default: thresholds raised so that the load,
+    one campaign to a few recipients, is never refused while every rule runs).
+    """
     q = json.dumps  # a JSON string is a valid TOML basic string for these values
+    if policy is None:
+        policy = {"bulk_recipients": "1000000", "mailbomb_messages": "1000000"}
     lines = [
         "[server]",
         f"listen = [{q(f'127.0.0.1:{port}')}]",
@@ -176,15 +185,11 @@ def gate_config(
         f"port = {upstream[1]}",
         "",
         "[store]",
-        f"url = {q('embedded')}",
+        f"url = {q(store_url)}",
         "",
         "[policy]",
         f"mode = {q(mode)}",
-        # Every rule runs (fingerprint, campaign, counters, settle) but the load, which is one
-        # campaign to a few recipients, stays under the thresholds, so nothing is refused and
-        # the targets deliver the same messages.
-        "bulk_recipients = 1000000",
-        "mailbomb_messages = 1000000",
+        *(f"{key} = {value}" for key, value in policy.items()),
         "",
         "[log]",
         f"decision_log = {q(str(workdir / 'decisions.log'))}",
