@@ -215,7 +215,10 @@ class RedisStore:
         self._redis: Redis | RedisCluster
         try:
             if parsed.cluster:
-                self._redis = RedisCluster.from_url(parsed.url, **options)
+                # No full reinitialization after every 5th MOVED: redis-py does it by aclose(),
+                # which closes connections other tasks are using, and a script already sent on
+                # one runs again on the retry.  A MOVED still updates the slot it names.
+                self._redis = RedisCluster.from_url(parsed.url, reinitialize_steps=0, **options)
             else:
                 self._redis = Redis.from_url(parsed.url, **options)
                 pool = self._redis.connection_pool
@@ -232,9 +235,9 @@ class RedisStore:
         """A Lua script bound to this store: ``await script(keys=[...], args=[...])``.
 
         EVALSHA with a fallback to loading it on a single server.  On Redis Cluster every call
-        is an EVAL instead: redis-py's EVALSHA fallback there (SCRIPT LOAD to all primaries,
-        then EVALSHA again) leaves a broken connection behind in redis-py 8.1 (seen in the
-        3-node cluster tests), and EVAL is always routed by the first key's slot.
+        is an EVAL instead (routed by the first key's slot, no NOSCRIPT round trip).  The
+        broken connections once blamed on redis-py's EVALSHA fallback there came from calls
+        routed before the cluster client was initialized; see ``_run``.
         """
         if self.cluster:
             redis = self._redis
@@ -260,6 +263,11 @@ class RedisStore:
 
         async def bounded() -> T:
             async with self._slots:
+                if isinstance(self._redis, RedisCluster):
+                    # redis-py's RedisCluster routes a command issued before its lazy first
+                    # initialize() (or after an internal reset) to a random node, which answers
+                    # MOVED; so load the slot map first (a no-op once loaded, one load at a time).
+                    await self._redis.initialize()
                 return await call()
 
         try:

@@ -35,7 +35,6 @@ from mailguard.store.counting import (
     recipient_key,
 )
 from mailguard.store.redis_store import RedisStore
-from tests.conftest import collect_leaked_connections
 
 NOW = 1_700_000_000.0
 DAY = 86400.0
@@ -490,14 +489,6 @@ async def test_concurrent_messages_get_exactly_the_threshold(redis_url: str, run
 # -- Redis Cluster ---------------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.filterwarnings("ignore::ResourceWarning")
-@pytest.mark.xfail(
-    reason="on the 3-node cluster, 50 concurrent script calls through redis-py 8.1's asyncio "
-    "RedisCluster hit 'Connection closed by server' / a connection without a writer; "
-    "sequential calls pass (tests/store/test_redis_store.py); open in issue 4",
-    strict=False,
-)
 async def test_cluster(cluster_url: str) -> None:
     store = RedisStore(cluster_url, timeout=10.0)
     counter = CampaignCounter(store)
@@ -530,9 +521,6 @@ async def test_cluster(cluster_url: str) -> None:
         assert {r.verdict for r in result.refused} == {Verdict.MAILBOMB}
     finally:
         await store.close()
-        # A failed run leaves redis-py cluster connections behind: collect them here, not as
-        # ResourceWarnings in whichever test happens to run the garbage collector next.
-        collect_leaked_connections()
 
 
 # -- the model -------------------------------------------------------------------------------
