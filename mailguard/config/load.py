@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import logging
 import math
 import os
 import re
@@ -44,7 +45,7 @@ from mailguard.config.schema import (
 )
 from mailguard.config.units import parse_duration, parse_size, quote
 
-__all__ = ["STATE_DIR_ENV", "ConfigError", "load_config", "parse_config"]
+__all__ = ["STATE_DIR_ENV", "ConfigError", "load_config", "parse_config", "reload_config"]
 
 STATE_DIR_ENV: Final = "MAILGUARD_STATE_DIR"
 
@@ -835,6 +836,17 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     if state_dir:
         server = dataclasses.replace(server, state_dir=Path(state_dir))
     return dataclasses.replace(config, server=server, source=path)
+
+
+def reload_config(path: Path, log: logging.Logger) -> Config | None:
+    """``load_config`` for a running daemon's reload: None, with each error logged, when the
+    file is not valid (the daemon keeps the config it runs with)."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            log.error("reload refused, keeping the running config: %s", line)
+        return None
 
 
 _TOML_POSITION: Final = re.compile(

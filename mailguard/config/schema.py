@@ -221,3 +221,10 @@ class Config:
     milter: MilterConfig = field(default_factory=MilterConfig)
     customers: tuple[Customer, ...] = ()
     source: Path | None = None  # the file this was loaded from, for messages
+
+    @property
+    def campaign_window(self) -> float:
+        """How long a campaign is remembered after its last message (seconds): the longest
+        bulk or mail-bomb window of the policy and of any customer's overrides."""
+        limits = [self.policy.limits, *(c.limits(self.policy) for c in self.customers)]
+        return max(max(x.bulk_window, x.mailbomb_window) for x in limits)

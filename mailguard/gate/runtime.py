@@ -152,9 +152,7 @@ class GateRuntime:
         """The AUP e-mail rules need the Redis store; None when the policy is off."""
         if not policy.counts_campaigns or not isinstance(self.store, RedisStore):
             return None
-        limits = [config.policy.limits, *(c.limits(config.policy) for c in config.customers)]
-        window = max(max(x.bulk_window, x.mailbomb_window) for x in limits)
-        return CampaignEnforcer(self.store, config.policy, window)
+        return CampaignEnforcer(self.store, config.policy, config.campaign_window)
 
     async def evaluate_campaign(
         self, customer: Customer, client_ip: str, tx: Transaction, data: bytes

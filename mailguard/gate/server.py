@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import socket
 import ssl
 import sys
 import time
@@ -21,12 +19,13 @@ from pathlib import Path
 
 import uvloop
 
-from mailguard.config.load import ConfigError, load_config
+from mailguard.config.load import ConfigError, load_config, reload_config
 from mailguard.config.schema import Config
 from mailguard.decisionlog import DecisionLog
 from mailguard.gate.runtime import GateRuntime
 from mailguard.gate.session import GateSession
 from mailguard.logsetup import setup_logging
+from mailguard.sdnotify import notify
 from mailguard.store.base import Store, StoreError
 from mailguard.store.factory import open_store
 
@@ -78,11 +77,8 @@ class Gate:
 
     def reload(self, path: Path) -> bool:
         """Load ``path`` and switch to it; on any error keep the running config."""
-        try:
-            config = load_config(path)
-        except ConfigError as exc:
-            for line in exc.errors:
-                log.error("reload refused, keeping the running config: %s", line)
+        config = reload_config(path, log)
+        if config is None:
             return False
         old = self.runtime.config
         try:
@@ -94,20 +90,6 @@ class Gate:
             log.warning("reload: [server] listen and [store] changes take effect on restart")
         log.info("configuration reloaded from %s", path)
         return True
-
-
-def _notify(state: str) -> None:
-    """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET, if set."""
-    target = os.environ.get("NOTIFY_SOCKET")
-    if not target:
-        return
-    if target.startswith("@"):
-        target = "\0" + target[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.sendto(state.encode(), target)
-        except OSError as exc:
-            log.warning("sd_notify failed: %s", exc)
 
 
 async def serve(path: Path, config: Config) -> None:
@@ -123,9 +105,9 @@ async def serve(path: Path, config: Config) -> None:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: _reload(gate, path))
-        _notify("READY=1")
+        notify("READY=1")
         await stop.wait()
-        _notify("STOPPING=1")
+        notify("STOPPING=1")
         log.info("draining (up to %ss)", gate.runtime.config.server.drain_timeout)
         await gate.drain(gate.runtime.config.server.drain_timeout)
     finally:
@@ -135,9 +117,9 @@ async def serve(path: Path, config: Config) -> None:
 
 
 def _reload(gate: Gate, path: Path) -> None:
-    _notify("RELOADING=1")
+    notify("RELOADING=1")
     gate.reload(path)
-    _notify("READY=1")
+    notify("READY=1")
 
 
 def run(path: Path) -> int:

@@ -30,6 +30,16 @@ log = logging.getLogger("mailguard.milter")
 
 
 @dataclass(frozen=True, slots=True)
+class Setup:
+    """What a reload replaces, as one value: the config and everything built from it."""
+
+    config: Config
+    directory: CustomerDirectory
+    policy: Policy
+    enforcer: CampaignEnforcer | None
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """The end-of-message decision and the campaign it was counted in ("" if none)."""
 
@@ -49,26 +59,38 @@ class MilterRuntime:
         bridge: LoopThread,
         timeout: float,
     ) -> None:
-        self.config = config
-        self.directory = CustomerDirectory(config.customers)
-        self.policy = Policy(config.policy)
+        self.store = store
         self.decision_log = decision_log
         self.bridge = bridge
         self.timeout = timeout
         self.clock: Callable[[], float] = time.time
-        self.enforcer: CampaignEnforcer | None = None
-        if store is not None and self.policy.counts_campaigns:
-            limits = [config.policy.limits, *(c.limits(config.policy) for c in config.customers)]
-            window = max(max(x.bulk_window, x.mailbomb_window) for x in limits)
-            self.enforcer = CampaignEnforcer(store, config.policy, window)
+        self.setup = self._setup(config)
+
+    def _setup(self, config: Config) -> Setup:
+        policy = Policy(config.policy)
+        enforcer = None
+        if self.store is not None and policy.counts_campaigns:
+            enforcer = CampaignEnforcer(self.store, config.policy, config.campaign_window)
+        return Setup(config, CustomerDirectory(config.customers), policy, enforcer)
+
+    def apply(self, config: Config) -> None:
+        """Switch to ``config`` for every later callback (the socket and store stay as they are).
+        One attribute is replaced, so a callback never sees half of the old and half of the
+        new; a transaction already at end of message finishes under the setup it read."""
+        self.setup = self._setup(config)
+
+    @property
+    def config(self) -> Config:
+        return self.setup.config
 
     def customer_of(self, client_ip: str, auth_user: str | None) -> Customer | None:
         """The customer of an AUTH user name (when known), else of the client address."""
+        directory = self.setup.directory
         if auth_user:
-            entry = self.directory.user(auth_user)
+            entry = directory.user(auth_user)
             if entry is not None:
                 return entry[0]
-        return self.directory.by_address(client_ip) if client_ip else None
+        return directory.by_address(client_ip) if client_ip else None
 
     def decide(
         self,
@@ -81,23 +103,29 @@ class MilterRuntime:
     ) -> Outcome:
         """Decide the message and, when it is accepted, count it; never raises StoreError."""
         start = time.perf_counter()
-        if self.enforcer is None:
+        setup = self.setup
+        if setup.enforcer is None:
             accept = Accept()
-            return Outcome(Decision(accept, accept, self.config.policy.mode), "", 0.0)
+            return Outcome(Decision(accept, accept, setup.config.policy.mode), "", 0.0)
         try:
             decision, campaign = self.bridge.call(
-                self._decide(customer, client_ip, tx_id, mail_from, recipients, message),
+                self._decide(
+                    setup, setup.enforcer, customer, client_ip, tx_id, mail_from, recipients,
+                    message,
+                ),
                 self.timeout,
-            )
+            )  # fmt: skip
         except StoreError as exc:
-            decision, campaign = self._degraded(tx_id, str(exc)), ""
+            decision, campaign = self._degraded(setup, tx_id, str(exc)), ""
         except TimeoutError:
-            decision = self._degraded(tx_id, f"no answer within {self.timeout}s")
+            decision = self._degraded(setup, tx_id, f"no answer within {self.timeout}s")
             campaign = ""
         return Outcome(decision, campaign, (time.perf_counter() - start) * 1000)
 
     async def _decide(
         self,
+        setup: Setup,
+        enforcer: CampaignEnforcer,
         customer: Customer,
         client_ip: str,
         tx_id: str,
@@ -105,11 +133,9 @@ class MilterRuntime:
         recipients: Sequence[str],
         message: bytes,
     ) -> tuple[Decision, str]:
-        enforcer = self.enforcer
-        assert enforcer is not None
         now = self.clock()
         result = await enforcer.decide(
-            self.policy,
+            setup.policy,
             customer,
             client_ip,
             mail_from,
@@ -123,14 +149,21 @@ class MilterRuntime:
             # StoreError (tempfail); a reservation left behind lapses after its time to live.
             await enforcer.settle(result.reservation, sent=True, now=now)
         if result.decision.refused:
-            await self._note_refusal(customer, tx_id, mail_from, result.campaign, result.decision)
+            await self._note_refusal(
+                enforcer, customer, tx_id, mail_from, result.campaign, result.decision
+            )
         return result.decision, result.campaign
 
     async def _note_refusal(
-        self, customer: Customer, tx_id: str, mail_from: str, campaign: str, decision: Decision
+        self,
+        enforcer: CampaignEnforcer,
+        customer: Customer,
+        tx_id: str,
+        mail_from: str,
+        campaign: str,
+        decision: Decision,
     ) -> None:
         """Keep a refusal for ``mailguard inspect`` (best effort), as the gate does."""
-        assert self.enforcer is not None
         verdict = decision.verdict
         entry = {
             "ts": self.clock(),
@@ -142,12 +175,12 @@ class MilterRuntime:
             "reply": verdict.reply() if not isinstance(verdict, Accept) else "",
         }
         try:
-            await self.enforcer.inspection.note_refusal(customer.id, entry)
+            await enforcer.inspection.note_refusal(customer.id, entry)
         except StoreError as exc:
             log.warning("tx=%s could not record the refusal for inspect: %s", tx_id, exc)
 
-    def _degraded(self, tx_id: str, why: str) -> Decision:
-        reply = self.config.policy.store_failure_reply
+    def _degraded(self, setup: Setup, tx_id: str, why: str) -> Decision:
+        reply = setup.config.policy.store_failure_reply
         log.error("tx=%s store failure, answering %s: %s", tx_id, reply.code, why)
         verdict = Defer(reply.code, reply.enhanced, reply.text, rule="store_failure")
-        return Decision(verdict, verdict, self.config.policy.mode)
+        return Decision(verdict, verdict, setup.config.policy.mode)

@@ -81,6 +81,8 @@ def _pdeathsig_preexec() -> Callable[[], None] | None:
     sig = int(signal.SIGTERM)
 
     def setup() -> None:  # runs in the child between fork and exec
+        # A blocked signal mask survives exec (the milter blocks SIGTERM for libmilter's sake).
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
         if prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0 and os.getppid() != parent:
             os._exit(1)  # the parent died before the signal was armed
 

@@ -26,8 +26,11 @@ REQUIRED = [
 def test_hardening(unit: Path) -> None:
     lines = {line.strip() for line in unit.read_text().splitlines()}
     required = list(REQUIRED)
-    if unit.name == "mailguard.service":  # the gate signals readiness and reloads on SIGHUP
-        required += ["Type=notify", "ExecReload=/bin/kill -HUP $MAINPID"]
+    required += ["Type=notify", "NotifyAccess=main"]  # both signal readiness
+    if unit.name == "mailguard.service":  # the gate reloads on SIGHUP
+        required += ["ExecReload=/bin/kill -HUP $MAINPID"]
+    else:  # libmilter stops on SIGHUP: the milter reloads on SIGUSR1
+        required += ["ExecReload=/bin/kill -USR1 $MAINPID"]
     missing = [want for want in required if want not in lines]
     assert not missing, missing
     assert any(line.startswith("User=") for line in lines)

@@ -72,21 +72,26 @@ class RunningMilter:
         return self._all()[self.since :]
 
 
-@pytest.fixture(scope="module")
-def milter_process(
-    tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer
-) -> Iterator[RunningMilter]:
-    tmp_path = tmp_path_factory.mktemp("milter")
-    redis_url = redis_server.url
-    port = free_port()
+def milter_config(tmp_path: Path, redis_url: str) -> tuple[Path, Path]:
+    """A milter config under ``tmp_path``: (its path, its decision log's path)."""
     state = tmp_path / "state"
-    state.mkdir()
+    state.mkdir(exist_ok=True)
     log_path = tmp_path / "decisions.log"
     config = tmp_path / "mailguard.toml"
     config.write_text(
         CONFIG.format(state_dir=state, redis_url=redis_url, log_path=log_path, hash=HASH),
         encoding="utf-8",
     )
+    return config, log_path
+
+
+@pytest.fixture(scope="module")
+def milter_process(
+    tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer
+) -> Iterator[RunningMilter]:
+    tmp_path = tmp_path_factory.mktemp("milter")
+    port = free_port()
+    config, log_path = milter_config(tmp_path, redis_server.url)
     spec = f"inet:{port}@127.0.0.1"
     with (tmp_path / "milter.out").open("wb") as out_file:
         proc = subprocess.Popen(
