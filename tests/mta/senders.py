@@ -1,51 +1,26 @@
 """Private Postfix instances on the sending side: the customer's MTA relaying through the gate,
 and a Postfix whose smtpd consults ``mailguard milter``.
 
-``ConfiguredPostfix`` is conftest's ``PrivatePostfix`` with main.cf settings applied by
-``postconf -e`` before it starts (and its own ``myhostname`` awaited in the banner).
+``private_postfix`` starts a ``loadtest.postfix.PrivatePostfix`` with main.cf settings applied
+by ``postconf -e`` before it starts (and its own ``myhostname`` awaited in the banner).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from loadtest.postfix import PrivatePostfix
 from tests.gate.conftest import free_port
-from tests.mta.conftest import POSTCONF, PrivatePostfix, _banner, require_postfix
-
-
-@dataclass
-class ConfiguredPostfix(PrivatePostfix):
-    settings: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def hostname(self) -> str:
-        return self.settings.get("myhostname", "upstream.test")
-
-    def create(self) -> None:
-        super().create()
-        if self.settings:
-            pairs = [f"{key}={value}" for key, value in self.settings.items()]
-            self._run(POSTCONF, "-c", str(self.config_dir), "-e", *pairs)
-            self.postfix("check")
-
-    def start(self, timeout: float = 10.0) -> None:
-        self.postfix("start")
-        deadline = time.monotonic() + timeout
-        while not _banner(self.port).startswith(f"220 {self.hostname}".encode()):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"postfix smtpd did not answer:\n{self.maillog()}")
-            time.sleep(0.02)
+from tests.mta.conftest import require_postfix
 
 
 @contextmanager
-def private_postfix(root: Path, **settings: str) -> Iterator[ConfiguredPostfix]:
-    """A started ConfiguredPostfix under ``root`` (skipped without root, as in conftest)."""
+def private_postfix(root: Path, **settings: str) -> Iterator[PrivatePostfix]:
+    """A started PrivatePostfix under ``root`` (skipped without root, as in conftest)."""
     require_postfix()
-    instance = ConfiguredPostfix(root, free_port(), settings)
+    instance = PrivatePostfix(root, free_port(), settings)
     instance.create()
     try:
         instance.start()

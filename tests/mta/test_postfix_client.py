@@ -25,7 +25,7 @@ from tests.conftest import RedisServer
 from tests.gate.test_two_gates import send
 from tests.milter.conftest import RunningMilter, milter, milter_process  # noqa: F401 (fixtures)
 from tests.mta.conftest import PrivatePostfix
-from tests.mta.senders import CUSTOMER_SETTINGS, ConfiguredPostfix, private_postfix
+from tests.mta.senders import CUSTOMER_SETTINGS, private_postfix
 from tests.mta.test_postfix_upstream import GateProcess, gate_to_postfix  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
@@ -87,7 +87,7 @@ def door(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Door]:
 
 
 @pytest.fixture
-def customer(tmp_path: Path, door: Door) -> Iterator[ConfiguredPostfix]:
+def customer(tmp_path: Path, door: Door) -> Iterator[PrivatePostfix]:
     """The customer's Postfix, relaying everything to ``door``."""
     relayhost = f"[127.0.0.1]:{door.port}"
     with private_postfix(tmp_path / "customer", relayhost=relayhost, **CUSTOMER_SETTINGS) as pf:
@@ -109,12 +109,12 @@ def said(reply: str) -> str:
     return f"host 127.0.0.1[127.0.0.1] said: {reply}"
 
 
-async def submit(customer: ConfiguredPostfix, rcpt: str, message: bytes) -> None:
+async def submit(customer: PrivatePostfix, rcpt: str, message: bytes) -> None:
     reply = await send(customer.port, rcpt, message)
     assert reply.startswith("250 2.0.0 Ok: queued as "), reply
 
 
-async def test_clean_message_is_sent(customer: ConfiguredPostfix, door: Door) -> None:
+async def test_clean_message_is_sent(customer: PrivatePostfix, door: Door) -> None:
     await submit(customer, BOB, CLEAN)
     [delivery] = deliveries(customer, 1)
     assert delivery.status == "sent" and delivery.reply.startswith("250 2.0.0 Ok"), delivery
@@ -128,7 +128,7 @@ async def test_clean_message_is_sent(customer: ConfiguredPostfix, door: Door) ->
 
 
 async def test_21st_recipient_of_a_campaign_is_bounced(
-    customer: ConfiguredPostfix, door: Door
+    customer: PrivatePostfix, door: Door
 ) -> None:
     rcpts = [f"user{i}@example.org" for i in range(21)]
     for i, rcpt in enumerate(rcpts):
@@ -145,7 +145,7 @@ async def test_21st_recipient_of_a_campaign_is_bounced(
 
 
 async def test_11th_copy_to_one_recipient_is_bounced(
-    customer: ConfiguredPostfix, door: Door
+    customer: PrivatePostfix, door: Door
 ) -> None:
     for i in range(11):
         await submit(customer, BOB, campaign_copy(BOB, i))
@@ -158,7 +158,7 @@ async def test_11th_copy_to_one_recipient_is_bounced(
 
 
 async def test_redis_stopped_defers_and_the_retry_is_sent(
-    customer: ConfiguredPostfix, door: Door, redis_server: RedisServer
+    customer: PrivatePostfix, door: Door, redis_server: RedisServer
 ) -> None:
     redis_server.stop()
     try:
