@@ -257,13 +257,27 @@ class Driver:
         self.clients = []
 
 
-async def settle(sink: Sink, quiet: float = 0.3, limit: float = 5.0) -> None:
-    """Wait until the sink has received nothing new for ``quiet`` seconds."""
+# The ratios printed under each scenario's table: (numerator, denominator) targets.
+RATIOS = (
+    ("gate-off", "passthrough"),
+    ("gate-enforce", "gate-off"),
+    ("postfix-milter", "gate-postfix"),
+    ("postfix-milter", "postfix"),
+    ("gate-postfix", "postfix"),
+)
+
+
+async def settle(
+    sink: Sink, quiet: float = 0.3, limit: float = 5.0, expected: int | None = None
+) -> None:
+    """Wait until the sink has received nothing new for ``quiet`` seconds, or, given
+    ``expected`` (a target that queues before it delivers), until it has that many messages
+    and then nothing new for ``quiet`` seconds (at most ``limit`` seconds in all)."""
     deadline = time.monotonic() + limit
     last = sink.stats.messages
     while time.monotonic() < deadline:
         await asyncio.sleep(quiet)
-        if sink.stats.messages == last:
+        if sink.stats.messages == last and (expected is None or last >= expected):
             return
         last = sink.stats.messages
 
@@ -313,6 +327,7 @@ async def run_scenario(
     rcpts: int,
     run_id: str,
     sink_is_upstream: bool,
+    queues: bool = False,
 ) -> ScenarioResult:
     result = ScenarioResult(target_name, size, rcpts, args.messages, args.concurrency)
     factory = MessageFactory(
@@ -364,7 +379,11 @@ async def run_scenario(
             result.elapsed = 0.0
     driver.mark_unsent(0, warmup + args.messages)
     await driver.close()
-    await settle(sink)
+    if queues:
+        accepted = sum(r.outcome == "accepted" for r in driver.records.values())
+        await settle(sink, limit=args.scenario_timeout, expected=accepted)
+    else:
+        await settle(sink)
     result.pipelining = driver.pipelining
     if pid is not None:
         result.peak_rss_kb = vm_hwm_kb(pid)
@@ -459,7 +478,7 @@ def ratio(a: float | None, b: float | None) -> str:
 def ratios(results: list[ScenarioResult]) -> list[str]:
     by = {r.target: r for r in results if r.start_error is None}
     lines = []
-    for num, den in (("gate-off", "passthrough"), ("gate-enforce", "gate-off")):
+    for num, den in RATIOS:
         if num in by and den in by:
             a, b = by[num], by[den]
             lines.append(
@@ -712,7 +731,17 @@ async def run_one(
             result.start_error = str(exc)
             return result
         return await run_scenario(
-            args, sink, target.name, target.host, target.port, target.pid, size, rcpts, run_id, True
+            args,
+            sink,
+            target.name,
+            target.host,
+            target.port,
+            target.pid,
+            size,
+            rcpts,
+            run_id,
+            True,
+            queues=getattr(target, "queues", False),
         )
     finally:
         await target.stop()

@@ -28,6 +28,11 @@ TARGETS: dict[str, tuple[str, str]] = {
     "gate-off": ("gate", "off"),
     "gate-enforce": ("gate", "enforce"),
     "gate-monitor": ("gate", "monitor"),
+    # loadtest.milter_target: a private Postfix relaying to the sink, alone, asking
+    # ``mailguard milter``, or behind ``mailguard serve`` (both with the policy on)
+    "postfix": ("postfix", "plain"),
+    "postfix-milter": ("postfix", "milter"),
+    "gate-postfix": ("postfix", "gate"),
 }
 ALIASES = {"gate-on": "gate-enforce", "baseline": "passthrough"}
 DEFAULT_TARGETS = ("passthrough", "gate-off", "gate-enforce")
@@ -228,7 +233,8 @@ class TargetProcess:
     def stdout_path(self) -> Path:
         return self.workdir / f"{self.name}.stdout"
 
-    async def start(self, timeout: float) -> None:
+    def spawn(self) -> None:
+        """Start the process (in its own process group, with ``cpus`` affinity if set)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self.proc = subprocess.Popen(
@@ -244,6 +250,10 @@ class TargetProcess:
             # Popen returns once exec succeeded: the interpreter has just started, one thread.
             # Threads and children it creates later inherit the affinity.
             os.sched_setaffinity(self.proc.pid, self.cpus)
+
+    async def start(self, timeout: float) -> None:
+        self.spawn()
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         last = "no connection yet"
         while time.monotonic() < deadline:
@@ -318,6 +328,10 @@ def make_target(
 ) -> TargetProcess:
     """A fresh (not yet started) target listening on a free loopback port."""
     kind, mode = TARGETS[name]
+    if kind == "postfix":
+        from loadtest.milter_target import PostfixTarget  # it imports this module
+
+        return PostfixTarget(name, mode=mode, upstream=upstream, python=python, workdir=workdir)
     port = free_port()
     listen = f"127.0.0.1:{port}"
     up = f"{upstream[0]}:{upstream[1]}"
