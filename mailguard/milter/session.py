@@ -70,14 +70,15 @@ class MailguardMilter(Milter.Base):  # type: ignore[misc]
 
     # -- connection ----------------------------------------------------------------------------
 
-    @Milter.noreply  # type: ignore[untyped-decorator]
+    # Every callback answers (no ``Milter.noreply``): over TCP, an MTA that writes several
+    # commands without waiting for answers stalls 40 ms per transaction on Nagle's algorithm
+    # against the milter's delayed ACK (measured: 49 ms per transaction, 3 ms with answers).
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
         if isinstance(hostaddr, tuple) and hostaddr:
             self.client_ip = str(hostaddr[0])
         self.customer = self.runtime.customer_of(self.client_ip, None)
         return int(Milter.CONTINUE)
 
-    @Milter.noreply  # type: ignore[untyped-decorator]
     def hello(self, heloname: str) -> int:
         self.helo = heloname
         return int(Milter.CONTINUE)
@@ -111,7 +112,6 @@ class MailguardMilter(Milter.Base):  # type: ignore[misc]
 
     # -- message -------------------------------------------------------------------------------
 
-    @Milter.noreply  # type: ignore[untyped-decorator]
     @Milter.decode("bytes")  # type: ignore[untyped-decorator]
     def header(self, name: str | bytes, value: bytes | str) -> int:
         if self.tx is not None:
@@ -120,13 +120,11 @@ class MailguardMilter(Milter.Base):  # type: ignore[misc]
             self.tx.parts.append(raw_name + b": " + _crlf(raw) + b"\r\n")
         return int(Milter.CONTINUE)
 
-    @Milter.noreply  # type: ignore[untyped-decorator]
     def eoh(self) -> int:
         if self.tx is not None:
             self.tx.parts.append(b"\r\n")
         return int(Milter.CONTINUE)
 
-    @Milter.noreply  # type: ignore[untyped-decorator]
     def body(self, chunk: bytes) -> int:
         if self.tx is not None:
             self.tx.parts.append(chunk)
