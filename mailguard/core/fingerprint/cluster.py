@@ -176,10 +176,11 @@ class ClusterIndex:
             return winner.id
         cluster_id = new_cluster_id(fp, now)
         clusters[cluster_id] = Cluster(cluster_id, fp, now, now)
+        all_buckets = self._buckets
         for key in keys:
-            current = self._bucket(key, now)
-            if current is None:
-                self._buckets[key] = _Bucket(now, [cluster_id])
+            current = all_buckets.get(key)
+            if current is None or now - current.touched > window:  # missing or expired
+                all_buckets[key] = _Bucket(now, [cluster_id])
                 continue
             kept = [
                 other

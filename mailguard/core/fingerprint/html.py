@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import re
 from html import unescape
+from itertools import repeat
 
 # Input beyond this many characters is ignored.
 MAX_HTML_CHARS = 1_000_000
@@ -40,10 +41,12 @@ MAX_HIDE_CANDIDATES = 2000
 MAX_HIDDEN_TAGS = 10_000
 MAX_TAG_CHARS = 4000
 
-_COMMENTS_RE = re.compile(r"<!--.*?(?:-->|\Z)|<![^<>]*>|<\?[^<>]*>", re.S)
+# Patterns start with a literal ("<", "&"), which the regex engine scans for at C speed, and
+# branch after it: an alternation or a class first is tried at every position.
+_COMMENTS_RE = re.compile(r"<(?:!--.*?(?:-->|\Z)|![^<>]*>|\?[^<>]*>)", re.S)
 _RAW_TEXT_RE = re.compile(
-    r"<(script|style|title|template|noembed|noframes)\b[^<>]*>.*?(?:</\1\s*>|\Z)", re.S
-)
+    r"<(s(?:cript|tyle)|t(?:itle|emplate)|no(?:embed|frames))\b[^<>]*>.*?(?:</\1\s*>|\Z)", re.S
+)  # script, style, title, template, noembed, noframes (factored: fewer branches tried)
 # Candidates for hiding, found cheaply: a CSS value that can hide (the pattern starts with a
 # literal ":", which the regex engine scans for at C speed; alternations of property names cost
 # 40 times more), checked against the property name before it, or the word "hidden" standing
@@ -74,15 +77,18 @@ _BLOCK_TAGS = (
     "h[1-6]|head|header|hr|html|iframe|img|input|legend|li|main|menu|nav|object|ol|option|p|pre|"
     "section|select|summary|table|tbody|td|textarea|tfoot|th|thead|tr|ul|video|audio"
 )
-# Any tag; the group is set for block-level tags, which separate words (inline ones do not).
-_TAG_SPLIT_RE = re.compile(rf"</?(?:({_BLOCK_TAGS})\b|[a-z])[^>]*(?:>|\Z)")
-# Character references, decoded through a cache (html.unescape calls Python for each one).
-_REFERENCE_RE = re.compile(r"&(?:#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)")  # as html
+# Any tag; the group is its name (up to the first non-word character): block-level tags
+# separate words, inline ones do not.
+_TAG_SPLIT_RE = re.compile(r"</?([a-z]\w*)[^>]*(?:>|\Z)")
+# Character references (as html.unescape finds them), decoded through a cache (html.unescape
+# calls Python for each one).
+_REFERENCE_RE = re.compile(r"(&(?:#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?))")
 _REFERENCES: dict[str, str] = {}
 
 _VOID_TAGS = "area base basefont bgsound br col embed frame hr img input keygen link meta param"
 _VOID = frozenset(f"{_VOID_TAGS} source track wbr".split())
 _BLOCKS = frozenset(_BLOCK_TAGS.replace("h[1-6]", "h1|h2|h3|h4|h5|h6").split("|"))
+_TAG_SPACE = dict.fromkeys(_BLOCKS, " ")  # what a tag leaves in the text, by name ("" if inline)
 # An open element of the key's kind is closed by the start of any element in the value.
 _IMPLIED_END = {
     "p": _BLOCKS,
@@ -259,22 +265,23 @@ def visible_text(html: str) -> str:
         html = " ".join(_LINK_RE.split(html))
     if "<img" in html:
         html = " ".join(_IMAGE_RE.split(html))
-    parts = _TAG_SPLIT_RE.split(html)  # [text, block name or None, text, ...]
-    parts[1::2] = [" " if block else "" for block in parts[1::2]]
+    parts = _TAG_SPLIT_RE.split(html)  # [text, tag name, text, ...]
+    parts[1::2] = map(_TAG_SPACE.get, parts[1::2], repeat(""))
     html = "".join(parts)
     return _unescape(html) if "&" in html else html
 
 
-def _reference(match: re.Match[str]) -> str:
-    reference = match.group()
-    found = _REFERENCES.get(reference)
-    if found is None:
-        if len(_REFERENCES) > 4096:
-            _REFERENCES.clear()
-        found = _REFERENCES[reference] = unescape(reference)
-    return found
-
-
 def _unescape(text: str) -> str:
     """``html.unescape``, with the decoding of each distinct reference cached."""
-    return _REFERENCE_RE.sub(_reference, text)
+    parts = _REFERENCE_RE.split(text)  # [text, reference, text, ...]
+    references = parts[1::2]
+    decoded = list(map(_REFERENCES.get, references))
+    if None in decoded:
+        if len(_REFERENCES) > 4096:
+            _REFERENCES.clear()
+        decoded = [
+            found if found is not None else _REFERENCES.setdefault(reference, unescape(reference))
+            for reference, found in zip(references, decoded, strict=True)
+        ]
+    parts[1::2] = decoded
+    return "".join(parts)

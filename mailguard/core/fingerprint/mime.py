@@ -31,8 +31,10 @@ import binascii
 import codecs
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
+from types import MappingProxyType
 
 from mailguard.core.fingerprint.html import visible_text
 
@@ -71,6 +73,8 @@ _NAME_SPLIT_RE = re.compile(r"[,;]|<\s*>|\(|\)")
 _NAME_JUNK = " \t\"'<>:"
 _TEXT_TYPES = frozenset({"text/plain", "text/html"})
 _ASCII_PROBE = bytes(range(128))
+_NO_PARAMS: Mapping[str, str] = MappingProxyType({})
+_CACHED_FIELD_BYTES = 512
 
 
 def _b64decode(data: bytes) -> bytes:
@@ -210,16 +214,26 @@ def _params(text: str) -> dict[str, str]:
     return params
 
 
-def _content_type(head: _Head, default: str) -> tuple[str, dict[str, str]]:
+def _content_type(head: _Head, default: str) -> tuple[str, Mapping[str, str]]:
     raw = _field(head, b"content-type")
     if raw is None:
-        return default, {}
+        return default, _NO_PARAMS
+    if len(raw) <= _CACHED_FIELD_BYTES:  # leaf parts repeat theirs: cached
+        return _cached_content_type(raw)
+    return _parsed_content_type(raw)
+
+
+def _parsed_content_type(raw: bytes) -> tuple[str, Mapping[str, str]]:
+    """A Content-Type field value's type and parameters."""
     text = raw.replace(b"\n", b"").replace(b"\r", b"").decode("latin-1")
     main, _, rest = text[:MAX_PARAMETER_CHARS].partition(";")
     ctype = main.strip().lower()
     if ctype.count("/") != 1 or not all(ctype.split("/")) or len(ctype.split()) != 1:
         ctype = "text/plain"
-    return ctype, _params(rest)
+    return ctype, MappingProxyType(_params(rest))
+
+
+_cached_content_type = lru_cache(maxsize=1024)(_parsed_content_type)
 
 
 def _simple_field(head: _Head, name: bytes) -> str:
@@ -299,7 +313,7 @@ class _Walker:
             if payload:
                 self.attachments.append(hashlib.sha256(payload).hexdigest())
 
-    def multipart(self, ctype: str, params: dict[str, str], body: bytes, depth: int) -> None:
+    def multipart(self, ctype: str, params: Mapping[str, str], body: bytes, depth: int) -> None:
         boundary = params.get("boundary", "")
         chunks = _split_multipart(body, boundary.encode("latin-1", "replace")) if boundary else None
         if chunks is None:
@@ -314,7 +328,7 @@ class _Walker:
         for child_head, child_body in children:
             self.entity(child_head, child_body, depth + 1, default)
 
-    def text(self, ctype: str, params: dict[str, str], payload: bytes) -> None:
+    def text(self, ctype: str, params: Mapping[str, str], payload: bytes) -> None:
         if self.chars >= MAX_TEXT_CHARS:
             return
         text = decode_text(payload, params.get("charset"))

@@ -21,9 +21,13 @@ cosmetic tricks give the same tokens.  In order:
    end of each sentence.
 4. Personalization: words naming the recipient (from :func:`recipient_terms`) are removed.
 
-Only the first ``MAX_CHARS`` characters of a text are read.  Mostly-Latin text, the common
-case, is cleaned character by character and tokenized with whole-text byte operations
-(``bytes.translate``, ``replace``, ``split``); the result is the same as the general path's.
+Only the first ``MAX_CHARS`` characters of a text are read.  Text whose characters cannot
+combine with their neighbours (Latin, CJK, most scripts) is cleaned character by character,
+and all text is tokenized with whole-text byte operations (``bytes.translate``, ``replace``,
+``split``), not a Python step per word: text that is ASCII after cleaning by the rules of the
+ASCII path, other text by those of :func:`reference_unicode_words` (the two differ in corner
+cases, pinned by the tests: a sentence end before punctuation, hyphen runs, texts whose only
+digit is 0); the results are the same as the general paths' (the tests check this).
 Placeholders cannot collide with words: ``EMAIL`` and ``URL_...`` are upper case, which folded
 text never is, and every other word containing a digit is ``0`` itself.
 Must never: raise on any ``str`` (including lone surrogates), do I/O, or depend on the locale,
@@ -154,6 +158,37 @@ def _separating_table(breaks: bool, hyphens: bool) -> bytes:
 
 _B_SEPARATE = {(b, h): _separating_table(b, h) for b in (False, True) for h in (False, True)}
 
+# Text that is not ASCII after cleaning is tokenized as bytes too (:func:`_mixed_words`), with
+# the rules of the regular expressions of :func:`reference_unicode_words`: each non-ASCII
+# character first becomes itself (a word character), "0" (a digit), " " or "#" (any other
+# separator).  Then a byte is a word byte when it is ASCII alphanumeric, "_" or part of a
+# non-ASCII character.
+_B_WORD_CLASS = rb"0-9A-Za-z_\x80-\xff"
+# A hyphen joins two words into one (a chain is one word) only between word characters.
+# (The pattern starts with its literal, which the engine finds fast, not with the lookbehind.)
+_B_JOINING_HYPHEN_RE = re.compile(rb"-(?<=[" + _B_WORD_CLASS + rb"]-)(?=[" + _B_WORD_CLASS + rb"])")
+_B_ASCII_SPACE = b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f "  # white space as str.isspace has it
+
+
+def _mixed_table(breaks: bool) -> bytes:
+    """bytes.translate table for :func:`_mixed_words`: word bytes, BREAK and "-" stay, white
+    space becomes " ", "." "!" "?" become 0x03 with ``breaks``, anything else "#" (which
+    separates words but is not white space, so it does not end a sentence)."""
+    table = bytearray(
+        c if c in _B_WORD or c >= 0x80 or c in (0x01, 0x2D) else 0x23 for c in range(256)
+    )
+    for space in _B_ASCII_SPACE:
+        table[space] = 0x20
+    if breaks:
+        for end in b".!?":
+            table[end] = _SENTENCE_MARK
+    return bytes(table)
+
+
+_B_MIXED = {breaks: _mixed_table(breaks) for breaks in (False, True)}
+# The second pass: the remaining sentence marks and "#" separate words like white space.
+_B_MIXED_SPACES = bytes(0x20 if c in (_SENTENCE_MARK, 0x23) else c for c in range(256))
+
 # Words never taken for a recipient's name (common words and role mailboxes), so that mail to
 # "will@..." or "info@..." keeps its ordinary words.
 _NOT_NAMES_TEXT = """a an and are at be bill but by can dear do for from grace have hello hi
@@ -190,24 +225,57 @@ def _non_ascii(text: str) -> set[str]:
     return set(encoded.decode("utf-8", "surrogatepass"))
 
 
+# Conjoining Hangul jamo compose with their neighbours under NFKC although they are neither
+# marks nor combining characters (the only such characters as of Unicode 15; see _alone).
+_JAMO_RE = re.compile("[\u1100-\u11ff\ua960-\ua97f\ud7b0-\ud7ff]")
+
+
+def _inert(text: str, marks_allowed: bool) -> bool:
+    """No character of ``text`` can combine with a neighbour under NFKD or NFKC.
+
+    Characters that NFKC composes with the character before them are combining characters
+    (non-zero combining class), marks of category M, or conjoining Hangul jamo; with
+    ``marks_allowed``, the marks that cleaning drops (``_MARKS``) are allowed too.
+    """
+    for char in text:
+        if marks_allowed and char in _MARK_CHARS:
+            continue
+        if unicodedata.combining(char) or unicodedata.category(char)[0] == "M":
+            return False
+    return _JAMO_RE.search(text) is None
+
+
 @lru_cache(maxsize=4096)
 def _alone(char: str) -> str | None:
-    """What cleaning makes of ``char`` in any text, when that is ASCII; else None.
+    """What cleaning makes of ``char`` in any text, whatever its neighbours; else None.
 
-    Characters that combine with their neighbours (marks) are never handled alone.
+    That is the case when the result is ASCII (ASCII never combines with its neighbours), or
+    when neither ``char``, its decomposition nor its cleaned form can combine with a neighbour
+    (CJK ideographs, the letters of most scripts) and the cleaned form is lower case.
+    Characters that combine with their neighbours (marks, jamo) are never handled alone.
     """
     if unicodedata.combining(char) or unicodedata.category(char)[0] == "M":
         return None
     cleaned = reference_clean(char)
-    return cleaned if cleaned.isascii() else None
+    if cleaned.isascii():
+        return cleaned
+    if (
+        cleaned.lower() != cleaned
+        or not _inert(unicodedata.normalize("NFKD", char), True)
+        or not _inert(cleaned, False)
+    ):
+        return None
+    return cleaned
 
 
 def clean(text: str) -> str:
     """Unicode-level cleanup (step 1 of the module docstring); no placeholders, no splitting.
 
-    Mostly-Latin text is cleaned character by character (one C-speed replace per distinct
-    non-ASCII character); other text runs each step only when a character it affects is
-    present.  Either way the result is that of :func:`reference_clean` (the tests check this).
+    Text whose non-ASCII characters cannot combine with their neighbours (Latin with
+    diacritics, CJK, Cyrillic, Greek, the letters of most scripts) is cleaned character by
+    character (one C-speed replace per distinct non-ASCII character that cleaning changes);
+    other text runs each step only when a character it affects is present.  Either way the
+    result is that of :func:`reference_clean` (the tests check this).
     """
     if text.isascii():
         return text.lower()
@@ -215,7 +283,8 @@ def clean(text: str) -> str:
     replacements = [(char, _alone(char)) for char in present]
     if all(replacement is not None for _, replacement in replacements):
         for char, replacement in replacements:
-            text = text.replace(char, replacement)  # type: ignore[arg-type]  # not None
+            if replacement != char:
+                text = text.replace(char, replacement)  # type: ignore[arg-type]  # not None
         return text.lower()
     separators = present & _SEPARATOR_CHARS
     for char in separators:
@@ -385,7 +454,7 @@ def _words(
     if "@" in text:
         text = _replace_emails(text)
     if not text.isascii():
-        return _unicode_words(text, exclude, breaks)
+        return _mixed_words(text, exclude, breaks)
     # ASCII: whole-text byte operations (translate, replace, two regex passes with literal
     # starts) rather than a Python step per word.
     data = text.encode("ascii")
@@ -410,8 +479,56 @@ def _words(
     return spaced.split()
 
 
-def _unicode_words(text: str, exclude: AbstractSet[bytes], breaks: bool) -> list[bytes]:
-    """:func:`_words` for text that is still not ASCII after cleaning (the same rules)."""
+@lru_cache(maxsize=4096)
+def _word_char(char: str) -> str:
+    r"""What a non-ASCII character of cleaned text is to the tokenizer (as regex ``\d``, ``\w``
+    and ``\s`` have it): "0" if a digit, itself if another word character, " " if white
+    space, else "#" (separates words, but is not white space)."""
+    if char.isdecimal():
+        return "0"
+    if char.isalnum():
+        return char
+    return " " if char.isspace() else "#"
+
+
+def _mixed_words(text: str, exclude: AbstractSet[bytes], breaks: bool) -> list[bytes]:
+    """:func:`reference_unicode_words`, computed with whole-text byte operations.
+
+    Every digit becomes "0" (a word with a digit is NUM whatever its digits) and every other
+    non-ASCII character a word character, white space or "#" (:func:`_word_char`), so that
+    the regular expressions' rules can be applied to the UTF-8 bytes.
+    """
+    for char in _non_ascii(text):
+        replacement = _word_char(char)
+        if replacement != char:
+            text = text.replace(char, replacement)
+    data = text.encode("utf-8")  # no surrogates left: they became "#"
+    digits = data.translate(_B_DIGITS_AS_ZERO)
+    has_digits = digits != data or b"0" in data
+    if has_digits:
+        data = _B_ZERO_JOINT_RE.sub(b"0", digits)
+    data = data.translate(_B_MIXED[breaks])
+    if breaks and b"\x03" in data:
+        data = data.replace(b"\x03 ", b" \x01 ")  # before white space: ends a sentence
+    spaced = b" " + data.translate(_B_MIXED_SPACES) + b" "
+    if b"-" in spaced:
+        spaced = _B_JOINING_HYPHEN_RE.sub(b"\x02", spaced).replace(b"-", b" ")
+    if has_digits:
+        spaced = _B_ZERO_TAIL_RE.sub(b"0", spaced)
+        spaced = _B_ZERO_TAIL_RE.sub(b"0", spaced[::-1])[::-1]
+    if b"\x02" in spaced:  # hyphens of words without digits separate after all
+        spaced = spaced.replace(b"\x02", b" ")
+    words = spaced.split()
+    if exclude:
+        words = list(filterfalse(exclude.__contains__, words))
+    return words
+
+
+def reference_unicode_words(
+    text: str, exclude: AbstractSet[bytes] = frozenset(), breaks: bool = False
+) -> list[bytes]:
+    """The words of cleaned text by regular expressions on ``str`` (the definition for text
+    that is not ASCII after cleaning; :func:`_mixed_words` gives the same, the tests check)."""
     if _DIGIT_RE.search(text):
         text = "".join(_NUM_JOIN_RE.split(text))
     if breaks:

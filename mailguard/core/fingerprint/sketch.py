@@ -19,7 +19,8 @@ made of word hashes ``h0, h1, h2`` gets the 30-bit value
 ``((h0 + 2*h1 + 4*h2 + salt) mod 2**64) >> 34``; for the body all shingles are computed at
 once, the word hashes packed into one big integer so that two shifts and additions do the work
 of a loop (:func:`shingle_values`).  One permutation hashing into ``LANES`` (128) bins: the
-top 7 bits of a value choose its bin, each bin keeps its smallest value, and the lane stores
+top 7 bits of a value choose its bin, each bin keeps its smallest value (one numpy
+``minimum.at`` over the message's values), and the lane stores
 bits 7..22 of it (16 bits).  An empty bin borrows the lane of the first non-empty bin in a
 fixed pseudo-random sequence of bins ("optimal densification", Shrivastava 2017), so every
 lane is an unbiased MinHash sample.  The fraction of equal lanes estimates the Jaccard
@@ -62,13 +63,12 @@ from __future__ import annotations
 
 import hashlib
 import struct
-import sys
-from array import array
-from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import repeat
 from typing import Literal
+
+import numpy as np
+from numpy.typing import NDArray
 
 from mailguard.core.fingerprint.mime import Extracted, extract
 from mailguard.core.fingerprint.normalize import (
@@ -109,12 +109,13 @@ _BIN_SHIFT = _VALUE_BITS - 7  # top 7 bits: one of 128 bins
 _LANE_SHIFT = _BIN_SHIFT - 16  # the 16 bits below them are the lane
 _LANE_MASK = 0xFFFF
 _VALUE_CHUNK = (2**_VALUE_BITS - 1).to_bytes(8, "little")  # the low 30 bits of a 64-bit lane
-_BIN_STARTS = [lane << _BIN_SHIFT for lane in range(LANES)]
-_BIN_ENDS = [(lane + 1) << _BIN_SHIFT for lane in range(LANES)]
-_SENTINEL = 1 << _VALUE_BITS
+_SENTINEL = 1 << _VALUE_BITS  # above every value: marks an empty bin
+# Feature values are handled as arrays of little-endian uint32 (cached as their bytes).
+_U32 = np.dtype("<u4")
+_EMPTY = np.zeros(0, _U32)
+_LANE_DTYPE = np.dtype(">u2")
 
 assert LANES == 1 << (_VALUE_BITS - _BIN_SHIFT)
-assert array("I").itemsize == 4 and array("Q").itemsize == 8
 
 
 def _donor_sequences() -> tuple[tuple[int, ...], ...]:
@@ -132,7 +133,7 @@ _DONORS = _donor_sequences()
 # the cache only saves time.
 _WORD_HASHES: dict[bytes, bytes] = {}
 _WORD_CACHE_LIMIT = 1 << 17
-# Feature values of sentences (native uint32s), cached: campaigns repeat their sentences.
+# Feature values of sentences (little-endian uint32s), cached: campaigns repeat their sentences.
 _SENTENCES: dict[bytes, bytes] = {}
 _SENTENCE_CACHE_LIMIT = 1 << 15
 # Lane masks for the packed shingle computation, by power-of-two lane count.
@@ -190,19 +191,21 @@ def _value_mask(count: int) -> int:
     return mask
 
 
-def _packed_shingle_values(packed: bytes) -> list[int]:
+def _shingle_array(packed: bytes) -> NDArray[np.uint32]:
+    """The values of every run of ``SHINGLE`` packed word hashes (see :func:`shingle_values`)."""
     count = len(packed) // 8
     if count < SHINGLE:
-        return []
+        return _EMPTY
     whole = int.from_bytes(packed, "little")
     # whole >> 63 is 2*h[i+1] in lane i, plus h[i]'s top bit; whole >> 126 is 4*h[i+2] plus
     # h[i+1]'s top two bits: low-bit crumbs like the carries below (SHINGLE is 3).
     summed = whole + (whole >> 63) + (whole >> 126)
     values = ((summed >> _VALUE_SHIFT) & _value_mask(count)).to_bytes(8 * count, "little")
-    halves = array("I", values)
-    if sys.byteorder == "big":  # pragma: no cover - the bytes above are little-endian
-        halves.byteswap()
-    return halves[: 2 * (count - SHINGLE + 1) : 2].tolist()
+    return np.frombuffer(values, _U32)[: 2 * (count - SHINGLE + 1) : 2]
+
+
+def _packed_shingle_values(packed: bytes) -> list[int]:
+    return [int(value) for value in _shingle_array(packed).tolist()]
 
 
 def shingle_values(hashes: Sequence[int]) -> list[int]:
@@ -233,29 +236,27 @@ def _attachment_values(digests: Iterable[str]) -> list[int]:
     return values
 
 
-def _lanes(values: list[int]) -> bytes:
+def _lanes(values: NDArray[np.uint32] | Sequence[int]) -> bytes:
     """One permutation hashing of feature values into LANES lanes, densified."""
-    values.sort()
-    values.append(_SENTINEL)
-    firsts = map(values.__getitem__, map(bisect_left, repeat(values), _BIN_STARTS))
-    filled = [
-        (value >> _LANE_SHIFT) & _LANE_MASK if value < end else -1
-        for value, end in zip(firsts, _BIN_ENDS)  # noqa: B905 - both have LANES items
-    ]
-    if -1 not in filled:
-        return _LANE_FORMAT.pack(*filled)
-    lanes = filled[:]
-    for lane in range(LANES):
-        if filled[lane] >= 0:
-            continue
+    values = np.asarray(values, _U32)
+    smallest = np.full(LANES, _SENTINEL, _U32)
+    np.minimum.at(smallest, values >> _BIN_SHIFT, values)  # each bin's smallest value
+    lanes = (smallest >> _LANE_SHIFT) & _LANE_MASK
+    empty = np.flatnonzero(smallest == _SENTINEL).tolist()
+    if not empty:  # the usual case for bodies of a few hundred words or more
+        return lanes.astype(_LANE_DTYPE).tobytes()
+    filled = lanes.tolist()
+    have = (smallest < _SENTINEL).tolist()
+    dense = filled[:]
+    for lane in empty:  # each takes the lane of its first filled donor bin
         for donor in _DONORS[lane]:
-            if filled[donor] >= 0:
-                lanes[lane] = filled[donor]
+            if have[donor]:
+                dense[lane] = filled[donor]
                 break
         else:  # the pseudo-random sequence missed every filled bin: take the next one
-            ring = filled[lane:] + filled[:lane]
-            lanes[lane] = next((value for value in ring if value >= 0), 0)
-    return _LANE_FORMAT.pack(*lanes)
+            ring = [*range(lane, LANES), *range(lane)]
+            dense[lane] = next((filled[bin_] for bin_ in ring if have[bin_]), 0)
+    return _LANE_FORMAT.pack(*dense)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,38 +297,49 @@ class Fingerprint:
 
 
 def _sentence_values(sentences: list[bytes]) -> list[bytes]:
-    """The feature values of each sentence (words joined by single spaces), as native uint32s.
+    """The feature values of each sentence (words joined by single spaces), as uint32 bytes.
 
     A sentence of ``SHINGLE`` words or more has its shingles; a shorter one is one feature.
     The sentences are hashed and shingled together, each followed by ``BREAK``.
     """
     words = b" \x01 ".join(sentences).split()
     packed = _packed_hashes(words)
-    values = _packed_shingle_values(packed)
+    values = _shingle_array(packed).tobytes()
     out: list[bytes] = []
     start = 0
     for sentence in sentences:
         stop = start + sentence.count(b" ") + 1
         if stop - start >= SHINGLE:
-            out.append(array("I", values[start : stop - SHINGLE + 1]).tobytes())
+            out.append(values[4 * start : 4 * (stop - SHINGLE + 1)])
         else:
             hashes = [
                 int.from_bytes(packed[8 * i : 8 * i + 8], "little") for i in range(start, stop)
             ]
-            out.append(array("I", [feature_value(hashes, _SHORT_SENTENCE_SALT)]).tobytes())
+            value = feature_value(hashes, _SHORT_SENTENCE_SALT)
+            out.append(value.to_bytes(4, "little"))
         start = stop + 1
     return out
 
 
-def _body_values(words: list[bytes]) -> list[int]:
+def _sentences(words: list[bytes]) -> list[bytes]:
+    """The non-empty sentences of body words: their words joined by single spaces."""
+    joined = b" " + b" ".join(words) + b" "
+    while b" \x01 \x01 " in joined:  # empty sentences
+        joined = joined.replace(b" \x01 \x01 ", b" \x01 ")
+    pieces = joined.split(b" \x01 ")
+    pieces[0] = pieces[0][1:]
+    pieces[-1] = pieces[-1][:-1]
+    return [piece for piece in pieces if piece]
+
+
+def _body_values(words: list[bytes]) -> NDArray[np.uint32]:
     """Feature values of the body: shingles inside sentences, and whole short sentences.
 
     Campaign copies repeat their sentences, so each sentence's values are cached (the cache
     only saves time: a sentence's values depend on nothing else, up to the carries of
     :func:`shingle_values`).
     """
-    pieces = b" ".join(words).split(BREAK)
-    sentences = [sentence for sentence in (piece.strip() for piece in pieces) if sentence]
+    sentences = _sentences(words)
     cache = _SENTENCES
     found = list(map(cache.get, sentences))
     if None in found:
@@ -337,9 +349,7 @@ def _body_values(words: list[bytes]) -> list[int]:
             cache.clear()
         cache.update(computed)
         found = [f if f is not None else computed[s] for s, f in zip(sentences, found, strict=True)]
-    values = array("I")
-    values.frombytes(b"".join(found))  # type: ignore[arg-type]  # no None left
-    return values.tolist()
+    return np.frombuffer(b"".join(found), _U32)  # type: ignore[arg-type]  # no None left
 
 
 def fingerprint_of(extracted: Extracted, recipients: Sequence[str] = ()) -> Fingerprint:
@@ -358,11 +368,12 @@ def fingerprint_of(extracted: Extracted, recipients: Sequence[str] = ()) -> Fing
         digest = hashlib.blake2b(blob, digest_size=_DIGEST_SIZE, person=b"mg-exact").digest()
         return Fingerprint("exact", digest, words)
     values = _body_values(body)
-    if subject:
-        values += _small_values(_hash_values(subject), _SUBJECT_SALT)
-    values += [feature_value([value], _LINK_SALT) for value in _hash_values(links)]
+    extra = _small_values(_hash_values(subject), _SUBJECT_SALT) if subject else []
+    extra += [feature_value([value], _LINK_SALT) for value in _hash_values(links)]
     if extracted.attachments:
-        values += _attachment_values(extracted.attachments)
+        extra += _attachment_values(extracted.attachments)
+    if extra:
+        values = np.concatenate((values, np.array(extra, _U32)))
     return Fingerprint("sketch", _lanes(values), min(words, 0xFFFF))
 
 

@@ -193,3 +193,41 @@ _REFERENCE_SOUP = st.lists(
 @given(st.one_of(_REFERENCE_SOUP, st.text(max_size=100)))
 def test_cached_unescape_is_html_unescape(text: str) -> None:
     assert _unescape(text) == html.unescape(text)
+
+
+_TAGS = st.lists(
+    st.sampled_from(
+        [
+            *("<p>", "</p>", "<pre>", "<br/>", "<br2>", "<td>", "<h1>", "<h7>", "<colgroup>"),
+            *("<col>", "<span>", "<b>", "</b>", "<p\n>", "<x-y>", "<p-x>", "<p\u00e9>", "<td"),
+            *("<!-- c -->", "<!--", "-->", "<!doctype html>", "<?xml?>", "<style>a</style>"),
+            *("<script>x<y</script>", "<styles>", "<title>t</title>", "<templates>", "<s>"),
+            *("<noembed>", "</noframes>", "&amp;", "&lt;", "&#38;", "word", " ", "\u00e9", "<"),
+        ]
+    ),
+    max_size=30,
+).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_TAGS)
+def test_tag_patterns_equal_their_unfactored_forms(text: str) -> None:
+    # The patterns are written to start with their literal and branch late (speed); these are
+    # the forms they replace, spelled out.
+    import re
+
+    from mailguard.core.fingerprint import html as h
+
+    blocks = h._BLOCK_TAGS
+    comments = re.compile(r"<!--.*?(?:-->|\Z)|<![^<>]*>|<\?[^<>]*>", re.S)
+    raw = re.compile(
+        r"<(script|style|title|template|noembed|noframes)\b[^<>]*>.*?(?:</\1\s*>|\Z)", re.S
+    )
+    split = re.compile(rf"</?(?:({blocks})\b|[a-z])[^>]*(?:>|\Z)")
+    assert h._COMMENTS_RE.sub("", text) == comments.sub("", text)
+    assert h._RAW_TEXT_RE.sub(" ", text) == raw.sub(" ", text)
+    parts = split.split(text)
+    parts[1::2] = [" " if block else "" for block in parts[1::2]]
+    new = h._TAG_SPLIT_RE.split(text)
+    new[1::2] = [" " if name in h._BLOCKS else "" for name in new[1::2]]
+    assert "".join(new) == "".join(parts)

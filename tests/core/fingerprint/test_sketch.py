@@ -181,3 +181,27 @@ def test_short_messages_are_told_apart_by_subject_links_and_attachments() -> Non
     link_a = short("", "https://photos.example/album/summer")
     link_b = short("", "https://videos.example/album/summer")
     assert link_a.kind == "exact" and similarity(link_a, link_b) == 0.0
+
+
+def _reference_lanes(values: list[int]) -> bytes:
+    """One permutation hashing as first written: sort, first value of each bin, densify."""
+    ordered = sorted(values)
+    filled = []
+    for lane in range(LANES):
+        in_bin = [v for v in ordered if v >> 23 == lane]
+        filled.append((in_bin[0] >> 7) & 0xFFFF if in_bin else -1)
+    lanes = filled[:]
+    for lane in range(LANES):
+        if filled[lane] < 0:
+            donors = [d for d in sketch._DONORS[lane] if filled[d] >= 0]
+            ring = [v for v in filled[lane:] + filled[:lane] if v >= 0]
+            lanes[lane] = filled[donors[0]] if donors else (ring[0] if ring else 0)
+    return b"".join(v.to_bytes(2, "big") for v in lanes)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 2**30 - 1), max_size=600), st.integers(0, 2**30 - 1))
+def test_lanes_are_the_smallest_value_of_each_bin_densified(values: list[int], one: int) -> None:
+    assert sketch._lanes(values) == _reference_lanes(values)
+    many = [(one * 7919 + i * 104729) % 2**30 for i in range(3000)]  # every bin filled
+    assert sketch._lanes(many) == _reference_lanes(many)
