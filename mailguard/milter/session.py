@@ -112,6 +112,11 @@ class MailguardMilter(Milter.Base):  # type: ignore[misc]
 
     # -- message -------------------------------------------------------------------------------
 
+    def data(self) -> int:
+        """Nothing to do at DATA, but answering it (libmilter only asks when the milter has
+        the callback) sends the ACK for the MTA's DATA-stage macros at once: see above."""
+        return int(Milter.CONTINUE)
+
     @Milter.decode("bytes")  # type: ignore[untyped-decorator]
     def header(self, name: str | bytes, value: bytes | str) -> int:
         if self.tx is not None:
