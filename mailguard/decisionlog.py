@@ -14,6 +14,11 @@ same line for the same input, except where a door cannot know what the other doe
 ``tx`` and ``ms`` always differ; an accepted message's ``reply`` is the upstream's own at the
 gate and ``250 2.0.0 Ok`` at the milter (which never sees the MTA's final reply); and the
 abandoned transaction's event (the gate sees ``RSET``, ``QUIT``; libmilter only ``abort``).
+A transaction that ends with no recipient accepted after the policy deferred one at RCPT (a
+mail-bomb hold, ``mailguard.core.rules.campaign``) is logged with that deferral (``decision``
+``defer``, its ``rule``, ``numbers`` and ``reply``), not as abandoned (``ended_at_rcpt``); each
+recipient's entry in ``rcpts`` carries its reply code and, when the policy deferred it, the
+finding (``policy``: found, rule, numbers).
 Must never: decide anything or raise into the SMTP session (a failing log is reported once on
 the operational log).
 """
@@ -28,12 +33,33 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any
 
+from mailguard.core.verdict import Accept
+
 if TYPE_CHECKING:
     from mailguard.core.policy import Decision
 
 log = logging.getLogger("mailguard")
 
 ABANDONED = "abandoned"  # the rule of a transaction that ended before its message was decided
+
+
+def ended_at_rcpt(
+    event: str, accepted: bool, rcpt_decision: Decision | None
+) -> tuple[str, str, str, Decision | None]:
+    """(decision, rule, reply, policy decision) for the line of a transaction that ended before
+    its message was decided (``event``: what ended it): the RCPT-time policy refusal when it left
+    no recipient accepted, otherwise an abandoned transaction."""
+    if not accepted and rcpt_decision is not None and rcpt_decision.refused:
+        verdict = rcpt_decision.verdict
+        reply = verdict.reply() if not isinstance(verdict, Accept) else event
+        return verdict.action, verdict.rule or ABANDONED, reply, rcpt_decision
+    return "aborted", ABANDONED, event, None
+
+
+def rcpt_finding(decision: Decision) -> dict[str, Any]:
+    """A recipient's ``policy`` entry in ``rcpts``: what the policy found at RCPT."""
+    found = decision.found
+    return {"found": found.action, "rule": found.rule, "numbers": dict(found.numbers)}
 
 
 class DecisionLog:

@@ -6,13 +6,23 @@ list server (one HMGET), assign its campaign and reserve the message in the camp
 (one atomic script for both, all or nothing: ``store.counting.CampaignDecider``), and let the pure
 core decide.  The door then settles the reservation (one script): commit when the upstream
 accepted the message, release otherwise, so only what was sent counts.  So a message costs two
-store round trips (three from a designated list server).
+store round trips at end of DATA (three from a designated list server), plus the holds' read at
+RCPT below.
+
+When a rule's refusals are only monitored (``[policy] mode = "monitor"`` or the rule's action
+``monitor``) the message is reserved all the same and, once sent, counted: monitor mode counts
+exactly what was sent, so its figures show what the customer really sent over time.
+
+After an enforced mail-bomb refusal it also writes the *holds* (one more script, only then):
+RCPT TO from the same envelope sender to a refused recipient is deferred for a while
+(``rcpt_holds``, one ``MGET`` per batch of RCPTs; ``core.rules.campaign`` says exactly when).
 Must never: speak SMTP, decide policy itself (``mailguard.core`` does), or read the clock (``now``
 is passed in).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
@@ -29,18 +39,22 @@ from mailguard.core.rules.campaign import (
     SenderFacts,
     excused,
     has_one_click,
+    monitored,
 )
 from mailguard.optin.store import OptInStore
+from mailguard.store.base import StoreError
 from mailguard.store.clustering import ClusterStore
 from mailguard.store.counting import (
     CampaignCounter,
     CampaignDecider,
     CountingParams,
     Reservation,
-    Verdict,
 )
+from mailguard.store.holds import MailbombHolds
 from mailguard.store.inspection import Inspection
 from mailguard.store.redis_store import RedisStore
+
+log = logging.getLogger("mailguard")
 
 _HEADERS = BytesHeaderParser(policy=compat32)
 
@@ -111,6 +125,7 @@ class CampaignEnforcer:
         self.decider = CampaignDecider(self.clusters, self.counter)
         self.optin = OptInStore(store)
         self.inspection = Inspection(store)
+        self.holds = MailbombHolds(store)
         self.policy_config = policy_config
 
     async def decide(
@@ -141,22 +156,27 @@ class CampaignEnforcer:
         sender = SenderFacts(
             designated, transactional, optin, headers.list_unsubscribe, headers.one_click
         )
+        free = excused(sender)
         campaign, result = await self.decider.assign_and_reserve(
             customer.id,
             fp,
             recipients,
             now,
             params=_counting_params(limits),
-            excused=excused(sender),
+            excused=free,
             reservation_id=reservation_id,
+            monitored=monitored(self.policy_config, limits),
         )
         count = CampaignCount(
             campaign,
             result.distinct,
             result.bulk,
             tuple(
-                RecipientCount(r.recipient, r.verdict is Verdict.BULK, r.mailbomb_count)
-                for r in result.recipients
+                # past the threshold and not excused: what the store calls BULK, also when the
+                # recipient is a mail bomb as well (reported MAILBOMB), so a monitored mail-bomb
+                # rule never hides an enforced bulk refusal
+                RecipientCount(r.recipient, r.past and not ok, r.mailbomb_count)
+                for r, ok in zip(result.recipients, free, strict=True)
             ),
         )
         decision = policy.campaign(limits, count, sender)
@@ -164,7 +184,64 @@ class CampaignEnforcer:
         if decision.refused and reservation is not None:
             await self.counter.release(reservation, now)  # e.g. hygiene refused a bulk message
             reservation = None
+        elif reservation is None and not decision.refused:  # a bug: it would be sent uncounted
+            log.error("campaign %s: message %s accepted unreserved", campaign, reservation_id)
+        if decision.refused and decision.found.rule == "mailbomb":
+            await self._hold(customer, limits, mail_from, campaign, count, now)
         return CampaignDecision(decision, campaign, reservation)
+
+    async def _hold(
+        self,
+        customer: Customer,
+        limits: CampaignLimits,
+        mail_from: str,
+        campaign: str,
+        count: CampaignCount,
+        now: float,
+    ) -> None:
+        """Hold the recipients this message was refused for as a mail bomb (best effort: a
+        store failure only means the next copy is decided at end of DATA again)."""
+        hold = self.policy_config.mailbomb_hold
+        if hold <= 0:
+            return
+        bombed = [
+            (r.recipient, r.mailbomb_count)
+            for r in count.recipients
+            if r.mailbomb_count > limits.mailbomb_messages
+        ]
+        try:
+            await self.holds.hold(
+                customer.id,
+                mail_from,
+                campaign,
+                bombed,
+                now,
+                hold=hold,
+                mailbomb_messages=limits.mailbomb_messages,
+                mailbomb_window=limits.mailbomb_window,
+            )
+        except StoreError as exc:
+            log.warning("campaign %s: could not write the mail-bomb hold: %s", campaign, exc)
+
+    async def rcpt_holds(
+        self,
+        policy: Policy,
+        customer: Customer,
+        mail_from: str,
+        recipients: Sequence[str],
+        now: float,
+    ) -> list[Decision | None]:
+        """Per recipient, the RCPT-time deferral its mail-bomb hold calls for (None: relay it).
+        One store read for all of them, none when no hold can apply (``Policy.checks_holds``).
+        Raises ``StoreError``: the door then relays the RCPT (end of DATA decides)."""
+        limits = customer.limits(self.policy_config)
+        if not recipients or not policy.checks_holds(limits):
+            return [None] * len(recipients)
+        holds = await self.holds.read(customer.id, mail_from, recipients)
+        return [
+            policy.mailbomb_hold(limits, recipient, hold, now)
+            for recipient, hold in zip(recipients, holds, strict=True)
+        ]
 
     async def settle(self, reservation: Reservation, *, sent: bool, now: float) -> None:
         """Count the message if the upstream accepted it, forget it otherwise."""

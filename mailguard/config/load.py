@@ -671,19 +671,25 @@ def _template(value: object) -> str:
             recipient="r@example.org",
             reason="r",
             missing="m",
+            hold="10m",
             url="u",
         )
     except (KeyError, IndexError, ValueError) as exc:
         raise ValueError(
             f"bad placeholder {exc} (allowed: {{count}} {{threshold}} {{window}} "
-            "{recipient} {reason} {missing} {url})"
+            "{recipient} {reason} {missing} {hold} {url})"
         ) from None
     return text
 
 
 _TEMPLATES: Final = _Table(
     Templates,
-    {"bulk": _leaf(_template), "mailbomb": _leaf(_template), "hygiene": _leaf(_template)},
+    {
+        "bulk": _leaf(_template),
+        "mailbomb": _leaf(_template),
+        "hygiene": _leaf(_template),
+        "mailbomb_hold": _leaf(_template),
+    },
 )
 
 
@@ -700,6 +706,7 @@ _POLICY: Final = _Table(
         "store_failure_reply": _leaf(_failure_reply),
         "upstream_failure_reply": _leaf(_failure_reply),
         **_LIMITS,
+        "mailbomb_hold": _leaf(_duration(allow_minimum=True)),
         "require_list_unsubscribe": _leaf(_boolean),
         "require_one_click_unsubscribe": _leaf(_boolean),
         "aup_url": _leaf(_string),

@@ -111,17 +111,24 @@ DEFAULT_TEMPLATES = {
         "Refused: bulk mail ({count} recipients in {window}) must carry {missing} "
         "(RFC 2369, RFC 8058; AUP: bulk mailing). See {url}"
     ),
+    "mailbomb_hold": (
+        "Deferred: mail from this sender to <{recipient}> is held for up to {hold} after message "
+        "{count} of substantively similar messages to it in {window} was refused; at most "
+        "{threshold} are allowed (AUP: mail bombing). See {url}"
+    ),
 }
 
 
 @dataclass(frozen=True, slots=True)
 class Templates:
     """``[policy.templates]``: the text of each refusal; ``{placeholders}`` are filled in:
-    count, threshold, window, recipient, reason, missing, url."""
+    count, threshold, window, recipient, reason, missing, hold, url (``mailbomb_hold`` is the
+    RCPT-time deferral after a mail-bomb refusal, see ``PolicyConfig.mailbomb_hold``)."""
 
     bulk: str = DEFAULT_TEMPLATES["bulk"]
     mailbomb: str = DEFAULT_TEMPLATES["mailbomb"]
     hygiene: str = DEFAULT_TEMPLATES["hygiene"]
+    mailbomb_hold: str = DEFAULT_TEMPLATES["mailbomb_hold"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +163,9 @@ class PolicyConfig:
     aup_url: str = "https://www.example.net/aup"
     templates: Templates = field(default_factory=Templates)
     soft_bounce: bool = False  # turn every 5xx policy refusal into 4xx (rollout safety net)
+    # After a mail-bomb refusal at end of DATA, RCPT TO from the same envelope sender to that
+    # recipient is deferred (450 4.7.1) for up to this long; 0 turns it off (core.rules.campaign).
+    mailbomb_hold: float = 600.0
     store_failure_reply: Reply = Reply(
         451, "4.3.0", "Temporary policy service failure, please try again later"
     )

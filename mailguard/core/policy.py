@@ -124,6 +124,32 @@ class Policy:
             return Decision(Accept(rule=found.rule, numbers=found.numbers), found, "monitor")
         return self._apply(found)
 
+    def checks_holds(self, limits: CampaignLimits) -> bool:
+        """Can :meth:`mailbomb_hold` defer anything for a customer with ``limits``?  (When not,
+        the doors skip reading the holds at RCPT.)"""
+        config = self._config
+        return (
+            config.mode == "enforce"
+            and config.mailbomb_hold > 0
+            and limits.mailbomb_action != "monitor"
+        )
+
+    def mailbomb_hold(
+        self,
+        limits: CampaignLimits,
+        recipient: str,
+        hold: campaign_rules.MailbombHold | None,
+        now: float,
+    ) -> Decision | None:
+        """The RCPT-time deferral of ``recipient`` under the stored ``hold`` of this envelope
+        sender and recipient (``campaign_rules.hold_verdict``), or None: relay the RCPT."""
+        if hold is None:
+            return None
+        found = campaign_rules.hold_verdict(self._config, limits, recipient, hold, now)
+        if found is None:
+            return None
+        return Decision(found, found, self._config.mode)
+
     def _accept(self) -> Decision:
         accept = Accept()
         return Decision(accept, accept, self._config.mode)

@@ -176,6 +176,26 @@ class GateRuntime:
         finally:
             tx.policy_ms += (time.perf_counter() - start) * 1000
 
+    async def rcpt_holds(
+        self, customer: Customer, tx: Transaction, recipients: list[str]
+    ) -> list[Decision | None]:
+        """Per recipient, the RCPT-time deferral of a mail-bomb hold (None: relay it); one store
+        read for the batch.  A store failure relays them all: end of DATA decides (and answers
+        the configured store-failure reply if the store is still down)."""
+        none: list[Decision | None] = [None] * len(recipients)
+        if self.enforcer is None:
+            return none
+        start = time.perf_counter()
+        try:
+            return await self.enforcer.rcpt_holds(
+                self.policy, customer, tx.mail_from.address, recipients, self.clock()
+            )
+        except StoreError as exc:
+            log.warning("tx=%s mail-bomb holds not read, relaying the RCPTs: %s", tx.id, exc)
+            return none
+        finally:
+            tx.policy_ms += (time.perf_counter() - start) * 1000
+
     async def note_refusal(self, customer: Customer, tx: Transaction, decision: Decision) -> None:
         """Keep a refusal of the AUP rules for ``mailguard inspect`` (best effort)."""
         if self.enforcer is None:

@@ -29,7 +29,7 @@ from mailguard.config.schema import Customer
 from mailguard.core.addresses import AddressError, EnvelopeArg, parse_envelope_arg
 from mailguard.core.policy import Decision, MessageFacts, RcptFacts, SessionFacts
 from mailguard.core.verdict import Accept, Verdict
-from mailguard.decisionlog import ABANDONED, decision_record
+from mailguard.decisionlog import decision_record, ended_at_rcpt, rcpt_finding
 from mailguard.gate.upstream import UpstreamConnection, UpstreamError, UpstreamReply
 from mailguard.store.counting import Reservation
 
@@ -128,6 +128,7 @@ class Transaction:
     upstream_ms: float = 0.0
     campaign: str | None = None  # the message's campaign (cluster) id, once assigned
     reservation: Reservation | None = None  # counted when settled: commit if sent
+    rcpt_decision: Decision | None = None  # the last RCPT the policy deferred (a mail-bomb hold)
 
 
 class GateSession(SMTP):
@@ -486,7 +487,9 @@ class GateSession(SMTP):
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         """One RCPT, plus the RCPTs the client pipelined right behind it: their upstream
-        RCPTs go out in one write and their replies come back in one (RFC 2920)."""
+        RCPTs go out in one write and their replies come back in one (RFC 2920).  The
+        mail-bomb holds of the whole batch are read first, in one store read; a held recipient
+        gets the hold's 450 4.7.1 and is not relayed (``core.rules.campaign``)."""
         if await self.check_helo_needed():
             return
         tx = self.tx
@@ -496,20 +499,26 @@ class GateSession(SMTP):
         args: list[str | None] = [arg]
         if tx.upstream is not None and tx.upstream.pipelining:
             args += self._take_pipelined_rcpts()
+        parsed: list[EnvelopeArg | str] = []  # the address, or the reply refusing its syntax
+        for one in args:
+            if not one or one[:3].upper() != "TO:":
+                parsed.append("501 5.5.4 Syntax: RCPT TO:<address>")
+                continue
+            try:
+                parsed.append(parse_envelope_arg(one[3:], null_allowed=False))
+            except AddressError as exc:
+                parsed.append(exc.reply)
+        holds = await self._rcpt_holds(tx, [p.address for p in parsed if not isinstance(p, str)])
         replies: list[str | None] = []
         relay: list[tuple[int, str]] = []  # (index in args, address) to ask the upstream
         logged: list[tuple[int, dict[str, Any]]] = []  # decision-log entries to complete
-        for i, one in enumerate(args):
-            if not one or one[:3].upper() != "TO:":
-                replies.append("501 5.5.4 Syntax: RCPT TO:<address>")
-                continue
-            try:
-                rcpt = parse_envelope_arg(one[3:], null_allowed=False)
-            except AddressError as exc:
-                replies.append(exc.reply)
+        for i, rcpt in enumerate(parsed):
+            if isinstance(rcpt, str):
+                replies.append(rcpt)
                 continue
             pending = tuple(addr for _, addr in relay)
-            refusal, found = await self._rcpt_refusal(tx, rcpt, pending)
+            held = holds.pop(0)
+            refusal, found, deferred = await self._rcpt_refusal(tx, rcpt, pending, held)
             entry: dict[str, Any] = {"rcpt": rcpt.address, "reply": ""}
             if found is not None:  # monitor mode: what would have been refused
                 entry["policy"] = {
@@ -517,6 +526,9 @@ class GateSession(SMTP):
                     "rule": found.rule,
                     "numbers": dict(found.numbers),
                 }
+            elif deferred is not None:  # a mail-bomb hold
+                entry["policy"] = rcpt_finding(deferred)
+                tx.rcpt_decision = deferred
             if len(tx.rcpts) < _MAX_LOGGED_RCPTS:
                 tx.rcpts.append(entry)
             else:
@@ -563,15 +575,29 @@ class GateSession(SMTP):
             reader._maybe_resume_transport()  # type: ignore[attr-defined]
         return taken
 
+    async def _rcpt_holds(self, tx: Transaction, addresses: list[str]) -> list[Decision | None]:
+        """Per address, the mail-bomb hold's deferral (None: none), read once for the batch."""
+        if self.customer is None or not addresses:
+            return [None] * len(addresses)
+        return await self.runtime.rcpt_holds(self.customer, tx, addresses)
+
     async def _rcpt_refusal(
-        self, tx: Transaction, rcpt: EnvelopeArg, pending: tuple[str, ...]
-    ) -> tuple[str | None, Verdict | None]:
-        """The reply refusing ``rcpt`` before the upstream is asked (None: relay it), and a
-        refusal the policy found but did not apply (monitor mode), for the decision log.
-        ``pending`` are recipients of this batch already on their way to the upstream."""
+        self,
+        tx: Transaction,
+        rcpt: EnvelopeArg,
+        pending: tuple[str, ...],
+        held: Decision | None = None,
+    ) -> tuple[str | None, Verdict | None, Decision | None]:
+        """The reply refusing ``rcpt`` before the upstream is asked (None: relay it), a
+        refusal the policy found but did not apply (monitor mode), and the mail-bomb hold's
+        decision when that is what refused it, for the decision log.
+        ``pending`` are recipients of this batch already on their way to the upstream;
+        ``held`` is the deferral a mail-bomb hold calls for (after the local checks)."""
         local = self._rcpt_local_refusal(tx, rcpt, pending)
         if local is not None:
-            return local, None
+            return local, None, None
+        if held is not None and held.refused:
+            return held.verdict.reply(), None, held  # type: ignore[union-attr]
         runtime = self.runtime
         if runtime.policy.active:
             facts = RcptFacts(
@@ -583,10 +609,10 @@ class GateSession(SMTP):
             )
             decision = await runtime.evaluate_rcpt(facts, tx)
             if decision.refused:
-                return decision.verdict.reply(), None  # type: ignore[union-attr]
+                return decision.verdict.reply(), None, None  # type: ignore[union-attr]
             if not isinstance(decision.found, Accept):
-                return None, decision.found
-        return None, None
+                return None, decision.found, None
+        return None, None, None
 
     def _rcpt_local_refusal(
         self, tx: Transaction, rcpt: EnvelopeArg, pending: tuple[str, ...]
@@ -860,7 +886,10 @@ class GateSession(SMTP):
         if tx.upstream is not None:
             tx.upstream.dirty = True
         if log_it:
-            self._finish(tx, "aborted", reply or why, rule=ABANDONED)
+            action, rule, text, decision = ended_at_rcpt(
+                reply or why, bool(tx.accepted), tx.rcpt_decision
+            )
+            self._finish(tx, action, text, rule=rule, decision=decision)
         else:
             self.tx = None
             if tx.upstream is not None:

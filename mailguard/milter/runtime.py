@@ -5,7 +5,9 @@ core as the gate (``CampaignEnforcer.decide``), run on the one event loop of ``L
 with a bounded wait.  Accepting commits the reservation at once (a milter cannot see the final
 delivery); a commit that fails or times out turns the accept into the store-failure tempfail,
 so nothing is accepted uncounted.  A store failure or timeout becomes the configured
-``store_failure_reply``.
+``store_failure_reply``.  At RCPT, the mail-bomb hold (``rcpt_hold``, the gate's
+``GateRuntime.rcpt_holds`` for one recipient): a store failure or timeout there relays the
+recipient, and end of message decides.
 Must never: speak the milter protocol (``session`` does), or wait on the store past ``timeout``.
 """
 
@@ -91,6 +93,29 @@ class MilterRuntime:
             if entry is not None:
                 return entry[0]
         return directory.by_address(client_ip) if client_ip else None
+
+    def rcpt_hold(
+        self, customer: Customer, tx_id: str, mail_from: str, recipient: str
+    ) -> Decision | None:
+        """The RCPT-time deferral of ``recipient`` by a mail-bomb hold, or None (also when the
+        store fails or does not answer in time: end of message decides then)."""
+        setup = self.setup
+        enforcer = setup.enforcer
+        if enforcer is None or not setup.policy.checks_holds(customer.limits(setup.config.policy)):
+            return None
+        try:
+            [decision] = self.bridge.call(
+                enforcer.rcpt_holds(setup.policy, customer, mail_from, [recipient], self.clock()),
+                self.timeout,
+            )
+        except (StoreError, TimeoutError) as exc:
+            why = str(exc) or f"no answer within {self.timeout}s"
+            log.warning("tx=%s mail-bomb hold not read, relaying the RCPT: %s", tx_id, why)
+            return None
+        except Exception:  # a bug: relay, and let end of message decide
+            log.exception("tx=%s mail-bomb hold not read, relaying the RCPT", tx_id)
+            return None
+        return decision
 
     def decide(
         self,

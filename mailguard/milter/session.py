@@ -1,7 +1,8 @@
 """One MTA connection to the milter: pymilter callbacks turned into the gate's transaction facts.
 
 Responsible for: identifying the client (connect address, or the ``{auth_authen}`` macro at
-MAIL), refusing every recipient of a non-customer with 554 5.7.1 like the gate, collecting the
+MAIL), refusing every recipient of a non-customer with 554 5.7.1 like the gate, deferring a
+recipient under a mail-bomb hold with the gate's 450 4.7.1 reply (``setreply``), collecting the
 envelope and the message (headers and body reassembled to RFC 5322 bytes with CRLF), answering
 at end of message with the verdict's exact codes and text (``setreply``), adding the
 ``X-Mailguard`` trace header on accept, and writing one decision-log line per transaction.
@@ -22,7 +23,7 @@ import Milter  # type: ignore[import-untyped]
 from mailguard.config.schema import Customer
 from mailguard.core.policy import Decision
 from mailguard.core.verdict import Defer, Reject
-from mailguard.decisionlog import ABANDONED, decision_record
+from mailguard.decisionlog import decision_record, ended_at_rcpt, rcpt_finding
 from mailguard.milter.runtime import MilterRuntime
 
 log = logging.getLogger("mailguard.milter")
@@ -42,6 +43,7 @@ class Transaction:
     rcpts: list[dict[str, Any]] = field(default_factory=list)
     rcpts_unlogged: int = 0
     parts: list[bytes] = field(default_factory=list)
+    rcpt_decision: Decision | None = None  # the last RCPT the policy deferred (a mail-bomb hold)
 
 
 def _address(arg: str) -> str:
@@ -97,8 +99,15 @@ class MailguardMilter(Milter.Base):  # type: ignore[misc]
             return int(Milter.CONTINUE)
         address = _address(to)
         entry: dict[str, Any] = {"rcpt": address, "reply": "250"}
+        held = None
         if self.customer is None:
             entry["reply"] = "554"
+        else:
+            held = self.runtime.rcpt_hold(self.customer, tx.id, tx.mail_from, address)
+        verdict = held.verdict if held is not None else None
+        if held is not None and isinstance(verdict, Defer):
+            entry["reply"] = str(verdict.code)
+            entry["policy"] = rcpt_finding(held)
         if len(tx.rcpts) < _MAX_LOGGED_RCPTS:
             tx.rcpts.append(entry)
         else:
@@ -107,6 +116,11 @@ class MailguardMilter(Milter.Base):  # type: ignore[misc]
             # Not a customer: nothing is relayed (as the gate and Postfix answer).
             self.setreply("554", "5.7.1", f"<{address}>: Relay access denied")
             return int(Milter.REJECT)
+        if held is not None and isinstance(verdict, Defer):
+            # A mail-bomb hold: the same 450 4.7.1 and text as the gate's RCPT reply.
+            tx.rcpt_decision = held
+            self.setreply(str(verdict.code), verdict.enhanced, verdict.text)
+            return int(Milter.TEMPFAIL)
         tx.accepted.append(address)
         return int(Milter.CONTINUE)
 
@@ -203,7 +217,8 @@ class MailguardMilter(Milter.Base):  # type: ignore[misc]
     def _abort(self, why: str) -> None:
         tx, self.tx = self.tx, None
         if tx is not None:
-            self._log(tx, "aborted", why, rule=ABANDONED)
+            action, rule, reply, decision = ended_at_rcpt(why, bool(tx.accepted), tx.rcpt_decision)
+            self._log(tx, action, reply, rule=rule, decision=decision)
 
     def _log(
         self,

@@ -11,13 +11,20 @@ Semantics (the scripts' headers say the same in Lua terms):
 * **Reserve, then settle.**  At end of DATA the door calls :meth:`CampaignCounter.reserve` for the
   whole message (SMTP has one reply to DATA).  The script decides every recipient and reserves
   the message *only if every recipient is allowed* (all or nothing: with one refused recipient
-  nothing is reserved or counted; the script only drops data that no longer counts).  When the
+  nothing is reserved or counted; the script only drops data that no longer counts; refusals of
+  monitored rules, below, do not count as refusals here).  When the
   upstream accepts, :meth:`~CampaignCounter.commit` turns the reservation into counted sends;
   otherwise :meth:`~CampaignCounter.release` removes it as if it never happened, so a deferred
   message retried later does not use up quota.  Settling is idempotent.  A reservation not
   settled within ``reservation_ttl`` no longer counts (and a late commit counts nothing: keep the
   ttl well above the upstream's timeout); expired reservations are purged lazily by the next
   reserve of the campaign.
+* **Monitored rules.**  When the caller says a rule's refusals are only monitored (``monitored``:
+  the policy is in monitor mode, or the rule's action is ``monitor``), a message refused only
+  by such rules is reserved all the same (its recipients' verdicts still say BULK / MAILBOMB),
+  so that, sent anyway, it is counted when committed: in monitor mode the counters hold exactly
+  what was sent.  A bulk-refused recipient so reserved is past the threshold like an EXCUSED
+  one (it does not join the set; committing marks the campaign bulk).
 * **Bulk.**  The campaign's *bulk set* is the recipients with a committed send within the sliding
   ``bulk_window`` plus those held by live reservations, each counted once.  A recipient already in
   the set is ``SEEN`` and adds nothing.  While the set has fewer than ``bulk_recipients`` members
@@ -143,6 +150,7 @@ class RecipientResult:
     verdict: Verdict
     number: int  # its distinct number in the campaign (0 if SEEN); > threshold = past it
     mailbomb_count: int  # messages of the campaign to it in the window, this one included
+    past: bool = False  # past the bulk threshold (EXCUSED, BULK, or a MAILBOMB that also is)
 
     @property
     def allowed(self) -> bool:
@@ -169,7 +177,8 @@ class ReserveResult:
     docstring): the "21" of "one of 21 substantively similar messages to different recipients".
     """
 
-    reservation: Reservation | None  # set iff every recipient is allowed
+    # set iff every recipient is allowed or refused only by a rule the caller monitors
+    reservation: Reservation | None
     recipients: tuple[RecipientResult, ...]  # one per recipient given, in the order given
     distinct: int
     bulk: bool  # the campaign is past the threshold (with this message)
@@ -177,7 +186,8 @@ class ReserveResult:
 
     @property
     def allowed(self) -> bool:
-        return self.reservation is not None
+        """Every recipient is allowed (monitored or not)."""
+        return all(r.allowed for r in self.recipients)
 
     @property
     def refused(self) -> tuple[RecipientResult, ...]:
@@ -247,8 +257,14 @@ class _ReserveCall:
 
     def result(self, campaign: str, raw: Sequence[int | bytes]) -> ReserveResult:
         values = [int(v) for v in raw]
+        threshold = self.params.bulk_recipients
         by_key = {
-            rkey: (Verdict(values[3 + 3 * i]), values[4 + 3 * i], values[5 + 3 * i])
+            rkey: (
+                Verdict(values[3 + 3 * i]),
+                values[4 + 3 * i],
+                values[5 + 3 * i],
+                values[4 + 3 * i] > threshold,
+            )
             for i, rkey in enumerate(self.unique)
         }
         results = tuple(
@@ -274,6 +290,7 @@ def _reserve_call(
     params: CountingParams | None,
     excused: Sequence[bool] | None,
     reservation_id: str | None,
+    monitored: tuple[bool, bool] = (False, False),
 ) -> _ReserveCall:
     """Check and convert the arguments of a reserve (``ValueError`` / ``TypeError``)."""
     params = params or CountingParams()
@@ -302,6 +319,7 @@ def _reserve_call(
         str(params.mailbomb_messages),
         _num("mailbomb_window", params.mailbomb_window),
         _num("reservation_ttl", params.reservation_ttl),
+        str(int(monitored[0]) + 2 * int(monitored[1])),
     ]
     for rkey, flag in order.items():
         args += [rkey, "1" if flag else "0"]
@@ -326,15 +344,19 @@ class CampaignCounter:
         params: CountingParams | None = None,
         excused: Sequence[bool] | None = None,
         reservation_id: str | None = None,
+        monitored: tuple[bool, bool] = (False, False),
     ) -> ReserveResult:
-        """Decide one message of ``campaign`` to ``recipients``; reserve it iff all are allowed.
+        """Decide one message of ``campaign`` to ``recipients``; reserve it iff all are allowed
+        (or refused only by a monitored rule).
 
         ``excused[i]`` says recipient ``i`` may be sent past the bulk threshold (default: none
-        is).  ``reservation_id`` must be unique per message attempt (default: a random one); a
-        repeated call with the same id returns the first answer without counting twice.
+        is).  ``monitored`` = (bulk, mail bomb): that rule's refusals are only logged, and the
+        message will be sent (module docstring).  ``reservation_id`` must be unique per message
+        attempt (default: a random one); a repeated call with the same id returns the first
+        answer without counting twice.
         ``ValueError`` for bad arguments, ``StoreError`` if the store fails.
         """
-        call = _reserve_call(customer, recipients, now, params, excused, reservation_id)
+        call = _reserve_call(customer, recipients, now, params, excused, reservation_id, monitored)
         script_keys = CampaignKeys.of(self.store, customer, campaign).script_keys(call.unique)
         raw = await self.store._run(
             "campaign_reserve", lambda: self._reserve(keys=script_keys, args=call.args)
@@ -410,10 +432,11 @@ class CampaignDecider:
         params: CountingParams | None = None,
         excused: Sequence[bool] | None = None,
         reservation_id: str | None = None,
+        monitored: tuple[bool, bool] = (False, False),
     ) -> tuple[str, ReserveResult]:
         """The campaign of ``customer``'s message with fingerprint ``fp``, and the result of
         reserving it there (arguments and errors as for the two methods it combines)."""
-        call = _reserve_call(customer, recipients, now, params, excused, reservation_id)
+        call = _reserve_call(customer, recipients, now, params, excused, reservation_id, monitored)
         keys, assign_args = self.clusters.script_call(customer, fp, now)
         args = [*assign_args, self._campaign_prefix(customer), *call.args]
         raw = await self.store._run("campaign_decide", lambda: self._decide(keys=keys, args=args))

@@ -902,6 +902,8 @@ id = "plain"
         ('[policy]\nbulk_action = "drop"\n', 'policy.bulk_action: "drop"'),
         ('[policy.templates]\nbulk = "{nope}"\n', "policy.templates.bulk: bad placeholder"),
         ("[policy]\nmailbomb_messages = 0\n", "policy.mailbomb_messages"),
+        ('[policy]\nmailbomb_hold = "-1s"\n', "policy.mailbomb_hold"),
+        ('[policy.templates]\nmailbomb_hold = "{when}"\n', "policy.templates.mailbomb_hold"),
         (
             '[[customer]]\nid = "a"\nnetworks = ["10.0.0.0/24"]\nbulk_networks = ["10.1.0.0/24"]\n',
             'customer[0].bulk_networks[0]: "10.1.0.0/24" is not inside',
@@ -916,3 +918,18 @@ def test_aup_settings_errors(toml: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(tomllib.loads(toml))
     assert any(message in line for line in info.value.errors), info.value.errors
+
+
+def test_mailbomb_hold_settings() -> None:
+    assert parse_config({}).policy.mailbomb_hold == 600.0
+    off = parse_config(tomllib.loads('[policy]\nmailbomb_hold = "0s"\n'))
+    assert off.policy.mailbomb_hold == 0.0
+    text = "Wait {hold} ({count}/{threshold} in {window}) for <{recipient}>: {url}"
+    config = parse_config(
+        tomllib.loads(
+            f'[policy]\nmailbomb_hold = "5m"\n[policy.templates]\nmailbomb_hold = "{text}"\n'
+        )
+    )
+    assert config.policy.mailbomb_hold == 300.0
+    assert config.policy.templates.mailbomb_hold == text
+    assert config.policy.templates.mailbomb == PolicyConfig().templates.mailbomb

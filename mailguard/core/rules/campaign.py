@@ -14,13 +14,29 @@ customer reads, naming the rule, its numbers and the AUP clause:
 
 Each rule's action is ``reject`` (550 5.7.1), ``defer`` (450 4.7.1) or ``monitor`` (the refusal
 is found and logged, the message accepted).  A message gets one reply (SMTP answers DATA once),
-so the first rule that refuses, in the order above, decides it.
+so the first rule that refuses, in the order above, decides it; a rule whose action is
+``monitor`` refuses nothing, so a later rule that does refuse still decides (the log then shows
+that refusal; with every finding monitored, the first one is logged and the message accepted).
+
+**The mail-bomb hold at RCPT** (:func:`hold_verdict`): at RCPT TO the message is not known, so
+its campaign is not either, and a mail bomb is about one campaign (HopOne 12.2: "substantively
+similar" messages): a different message to the same recipient is never a mail bomb.  So no RCPT
+reply can know that end of DATA would refuse the message, and the hold never refuses for good:
+after an enforced mail-bomb refusal of a message from envelope sender S to recipient R, a RCPT
+TO:<R> in a transaction from S is *deferred* (450 4.7.1, whatever ``mailbomb_action`` is) while
+``now < until``, where ``until`` = min(refusal time + ``mailbomb_hold``, the moment a copy of
+the refused campaign to R would be accepted again).  A retried copy of the campaign is thus
+refused before DATA (it would be refused at end of DATA too); any other message is only delayed,
+by at most ``mailbomb_hold`` (plus the client's retry interval), and then decided at end of DATA
+as usual.  Only an end-of-DATA refusal starts or renews a hold, so holds cannot renew
+themselves.  It does not fire in monitor mode, when the customer's ``mailbomb_action`` is
+``monitor``, or when the thresholds changed since the refusal.
 Must never: do I/O, read a clock, or count anything itself (the store counts, atomically).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from mailguard.config.schema import CampaignLimits, PolicyConfig, RuleAction
@@ -76,7 +92,37 @@ def format_window(seconds: float) -> str:
 def decide(
     policy: PolicyConfig, limits: CampaignLimits, count: CampaignCount, sender: SenderFacts
 ) -> tuple[Verdict, RuleAction | None]:
-    """The first refusal the rules find for this message (or Accept), and its rule's action."""
+    """The refusal that decides this message (or Accept), and its rule's action.
+
+    The rules are checked in order; the first refusal whose action is not ``monitor`` decides.
+    When every refusal found is monitored, the first one is returned with action ``monitor``
+    (the caller accepts the message and logs it)."""
+    first_monitored: tuple[Verdict, RuleAction] | None = None
+    for finding in _findings(policy, limits, count, sender):
+        if finding[1] != "monitor":
+            return finding
+        if first_monitored is None:
+            first_monitored = finding
+    if first_monitored is not None:
+        return first_monitored
+    return Accept(rule="campaign", numbers=_accept_numbers(count, limits)), None
+
+
+def monitored(policy: PolicyConfig, limits: CampaignLimits) -> tuple[bool, bool]:
+    """(bulk, mail bomb): are that rule's refusals only logged, the message sent anyway?  Then
+    the store must count the message when it is sent although the rule found it over the limit
+    (monitor counts exactly what was sent)."""
+    everything = policy.mode == "monitor"
+    return (
+        everything or limits.bulk_action == "monitor",
+        everything or limits.mailbomb_action == "monitor",
+    )
+
+
+def _findings(
+    policy: PolicyConfig, limits: CampaignLimits, count: CampaignCount, sender: SenderFacts
+) -> Iterator[tuple[Verdict, RuleAction]]:
+    """Every rule's refusal of this message, in the rules' order."""
     url = policy.aup_url
     templates = policy.templates
     bombed = [r for r in count.recipients if r.mailbomb_count > limits.mailbomb_messages]
@@ -89,16 +135,16 @@ def decide(
             "threshold": limits.mailbomb_messages,
             "window": format_window(limits.mailbomb_window),
         }
-        text = templates.mailbomb.format(
+        text = _fill(
+            templates.mailbomb,
             count=worst.mailbomb_count,
             threshold=limits.mailbomb_messages,
             window=numbers["window"],
             recipient=worst.recipient,
-            reason="",
-            missing="",
             url=url,
         )
-        return _refusal("mailbomb", limits.mailbomb_action, text, numbers), limits.mailbomb_action
+        action = limits.mailbomb_action
+        yield _refusal("mailbomb", action, text, numbers), action
     window = format_window(limits.bulk_window)
     past = [r for r in count.recipients if r.past_bulk]
     if past and not sender.transactional:
@@ -115,16 +161,16 @@ def decide(
             "recipient": first.recipient,
             "refused_recipients": len(past),
         }
-        text = templates.bulk.format(
+        text = _fill(
+            templates.bulk,
             count=count.distinct,
             threshold=limits.bulk_recipients,
             window=window,
             recipient=first.recipient,
             reason=reason,
-            missing="",
             url=url,
         )
-        return _refusal("unsolicited_bulk", limits.bulk_action, text, numbers), limits.bulk_action
+        yield _refusal("unsolicited_bulk", limits.bulk_action, text, numbers), limits.bulk_action
     if count.bulk and not sender.transactional:
         missing = _missing_headers(policy, sender)
         if missing:
@@ -135,20 +181,80 @@ def decide(
                 "window": window,
                 "missing": missing,
             }
-            text = templates.hygiene.format(
+            text = _fill(
+                templates.hygiene,
                 count=count.distinct,
                 threshold=limits.bulk_recipients,
                 window=window,
-                recipient="",
-                reason="",
                 missing=missing,
                 url=url,
             )
-            return (
-                _refusal("bulk_hygiene", limits.hygiene_action, text, numbers),
-                limits.hygiene_action,
-            )
-    return Accept(rule="campaign", numbers=_accept_numbers(count, limits)), None
+            action = limits.hygiene_action
+            yield _refusal("bulk_hygiene", action, text, numbers), action
+
+
+@dataclass(frozen=True, slots=True)
+class MailbombHold:
+    """What the store remembers after an enforced mail-bomb refusal, per (customer, envelope
+    sender, recipient): the refused message's campaign and number, the limits it was refused
+    under, and ``until``, when the hold ends (Unix seconds)."""
+
+    campaign: str
+    count: int
+    threshold: int
+    window: float
+    until: float
+
+
+def hold_verdict(
+    policy: PolicyConfig, limits: CampaignLimits, recipient: str, hold: MailbombHold, now: float
+) -> Defer | None:
+    """The RCPT-time deferral of ``recipient`` under ``hold`` (see the module docstring), or
+    None when the hold does not apply: it has ended, the policy only monitors (or is off), the
+    customer's mail-bomb action is ``monitor``, or the limits differ from those the message was
+    refused under (the config changed: end of DATA decides)."""
+    if (
+        policy.mode != "enforce"
+        or policy.mailbomb_hold <= 0
+        or limits.mailbomb_action == "monitor"
+        or hold.threshold != limits.mailbomb_messages
+        or hold.window != limits.mailbomb_window
+        or not now < hold.until
+    ):
+        return None
+    window = format_window(limits.mailbomb_window)
+    hold_for = format_window(policy.mailbomb_hold)
+    numbers = {
+        "campaign": hold.campaign,
+        "recipient": recipient,
+        "count": hold.count,
+        "threshold": hold.threshold,
+        "window": window,
+        "hold": hold_for,
+    }
+    text = _fill(
+        policy.templates.mailbomb_hold,
+        count=hold.count,
+        threshold=hold.threshold,
+        window=window,
+        recipient=recipient,
+        hold=hold_for,
+        url=policy.aup_url,
+    )
+    return Defer(450, "4.7.1", text, HOLD_RULE, numbers)
+
+
+HOLD_RULE = "mailbomb_hold"
+
+
+def _fill(template: str, **values: object) -> str:
+    """``template`` with its placeholders filled; those a rule has no value for are empty."""
+    return template.format_map({**_EMPTY_PLACEHOLDERS, **values})
+
+
+_EMPTY_PLACEHOLDERS = dict.fromkeys(
+    ("count", "threshold", "window", "recipient", "reason", "missing", "hold", "url"), ""
+)
 
 
 def _missing_headers(policy: PolicyConfig, sender: SenderFacts) -> str:

@@ -11,7 +11,8 @@
 --          a 16-digit hex id that key escaping leaves alone, so they are the keys
 --          campaign_settle.lua is later called with.  They carry the same hash tag as KEYS (the
 --          customer's), so they are in the same Redis Cluster slot.
--- ARGV[10..] campaign_reserve's ARGV (now, reservation id, params, recipient hashes and flags).
+-- ARGV[10..] campaign_reserve's ARGV (now, reservation id, params, monitored rules, recipient
+--          hashes and flags).
 -- Returns: {campaign id, 1 if founded by this call else 0, campaign_reserve's result array}.
 
 local assigned = cluster_assign(KEYS, {unpack(ARGV, 1, 8)})
@@ -21,7 +22,7 @@ local base = ARGV[9] .. campaign .. ':'
 local rargv = {unpack(ARGV, 10)}
 local rkeys = {base .. 'sent', base .. 'held', base .. 'pend', base .. 'resv', base .. 'resx',
                base .. 'bulk_until'}
-for i = 1, (#rargv - 7) / 2 do rkeys[6 + i] = base .. 'mb:' .. rargv[6 + 2 * i] end
+for i = 1, (#rargv - 8) / 2 do rkeys[6 + i] = base .. 'mb:' .. rargv[7 + 2 * i] end
 local reserved = campaign_reserve(rkeys, rargv)
 if reserved.err then return reserved end
 return {campaign, assigned[2], reserved}

@@ -1,5 +1,7 @@
 -- campaign_reserve.lua: decide one message of a campaign (bulk + mail bomb) and, only if every
--- recipient is allowed, reserve it.  All-or-nothing: one refused recipient, nothing reserved.
+-- recipient is allowed, reserve it.  All-or-nothing: one refused recipient, nothing reserved;
+-- except that refusals of a rule the caller monitors (ARGV[8]: the message is sent anyway) do
+-- not stop the reservation, so a monitored message counts when it is sent.
 -- Also the body of a function in campaign_decide (counting.decide_script): it uses only its
 -- KEYS and ARGV and returns its result (errors as an error table).
 --
@@ -23,7 +25,9 @@
 -- ARGV[3]  bulk_recipients (int >= 0)    ARGV[4]  bulk_window (s > 0)
 -- ARGV[5]  mailbomb_messages (int >= 0)  ARGV[6]  mailbomb_window (s > 0)
 -- ARGV[7]  reservation_ttl (s > 0)
--- ARGV[6+2i] hash of recipient i (distinct within the call), ARGV[7+2i] "1" if recipient i is
+-- ARGV[8]  monitored rules (int 0..3): + 1 if bulk refusals are only monitored, + 2 if mail-bomb
+--          refusals are (the caller sends such a message anyway, so it must be reserved).
+-- ARGV[7+2i] hash of recipient i (distinct within the call), ARGV[8+2i] "1" if recipient i is
 --          excused from the bulk threshold (designated list server + confirmed opt-in), else "0".
 --
 -- Semantics:
@@ -36,9 +40,14 @@
 --  * Mail bomb: committed sends in (now - mailbomb_window, ...] plus live reservations, this
 --    message included; above mailbomb_messages the recipient is MAILBOMB (5), excused or not.
 --  * A reservation is live while now < its expiry (now + reservation_ttl at reserve time).
+--  * Monitored rules: the message is reserved when every recipient is allowed or refused only
+--    by monitored rules (a recipient past the bulk threshold and not excused counts as a bulk
+--    refusal even when it is also a mail bomb).  Its codes are reported as without ARGV[8]; a
+--    bulk-refused recipient so reserved is held like an EXCUSED one (past the threshold: it
+--    does not join the set, and committing marks the campaign bulk).
 --
 -- Writes:  always: purges reservations whose expiry <= now (un-holding their recipients in "held"
---          and "pend").  Only if every recipient is allowed: the reservation record, its expiry,
+--          and "pend").  Only if the message is reserved (above): the reservation record, its expiry,
 --          the holds ("held" for recipients in the set, "pend" for all).  No per-recipient key is
 --          written.  Every key written gets PEXPIRE max(bulk_window, mailbomb_window) +
 --          reservation_ttl.
@@ -55,14 +64,17 @@ local bulk_window = tonumber(ARGV[4])
 local mb_max = tonumber(ARGV[5])
 local mb_window = tonumber(ARGV[6])
 local ttl = tonumber(ARGV[7])
+local monitored = tonumber(ARGV[8])
 local n = #KEYS - 6
 if not now or id == nil or id == '' or not bulk_max or bulk_max < 0 or not bulk_window
     or bulk_window <= 0 or not mb_max or mb_max < 0 or not mb_window or mb_window <= 0
-    or not ttl or ttl <= 0 or n < 1 or #ARGV ~= 7 + 2 * n then
+    or not ttl or ttl <= 0 or not monitored or monitored < 0 or monitored > 3 or n < 1
+    or #ARGV ~= 8 + 2 * n then
   return redis.error_reply('campaign_reserve: bad KEYS/ARGV')
 end
 local SENT, HELD, PEND, RESV, RESX, BULK = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local NEW, SEEN, EXCUSED, REFUSED_BULK, REFUSED_MAILBOMB = 1, 2, 3, 4, 5
+local monitor_bulk, monitor_mailbomb = monitored % 2 == 1, monitored >= 2
 local CHUNK = 1000 -- arguments unpacked onto Lua's C stack at a time
 
 -- %.17g keeps every bit of the double (Lua's default tostring keeps only 14 digits).
@@ -120,7 +132,7 @@ local marked_bulk = bulk_until ~= nil and now < bulk_until
 local hashes = {}
 local seen_in_call = {}
 for i = 1, n do
-  local h = ARGV[6 + 2 * i]
+  local h = ARGV[7 + 2 * i]
   if seen_in_call[h] then
     return redis.error_reply('campaign_reserve: duplicate recipient in one call')
   end
@@ -132,7 +144,7 @@ local held = call_list('HMGET', HELD, hashes)
 local pend = call_list('HMGET', PEND, hashes)
 local mb_from = '(' .. fmt(now - mb_window)
 local new, past = 0, 0
-local allowed = true
+local reservable = true
 local kinds, numbers, codes, counts = {}, {}, {}, {}
 for i = 1, n do
   local h = hashes[i]
@@ -147,28 +159,31 @@ for i = 1, n do
     past = past + 1
     number = math.max(set_size + new, bulk_max) + past
     kinds[i] = 0
-    if ARGV[7 + 2 * i] == '1' then
+    if ARGV[8 + 2 * i] == '1' then
       code = EXCUSED
     else
       code = REFUSED_BULK
+      if not monitor_bulk then reservable = false end
     end
   end
   -- committed sends in the window + live reservations + this message
   local count = redis.call('ZCOUNT', KEYS[6 + i], mb_from, '+inf') + (tonumber(pend[i]) or 0) + 1
-  if count > mb_max then code = REFUSED_MAILBOMB end
-  if code == REFUSED_BULK or code == REFUSED_MAILBOMB then allowed = false end
+  if count > mb_max then
+    code = REFUSED_MAILBOMB
+    if not monitor_mailbomb then reservable = false end
+  end
   codes[i], numbers[i], counts[i] = code, number, count
 end
 
 local distinct = set_size + new
 if past > 0 then distinct = math.max(distinct, bulk_max) + past end
-local result = {allowed and 1 or 0, distinct, (marked_bulk or past > 0) and 1 or 0}
+local result = {reservable and 1 or 0, distinct, (marked_bulk or past > 0) and 1 or 0}
 for i = 1, n do
   result[#result + 1] = codes[i]
   result[#result + 1] = numbers[i]
   result[#result + 1] = counts[i]
 end
-if not allowed then return result end
+if not reservable then return result end
 
 -- 5. Reserve: the holds (one HSET per hash), the record and its expiry.
 local held_set, pend_set = {}, {}

@@ -10,12 +10,15 @@ from mailguard.config.schema import CampaignLimits, PolicyConfig
 from mailguard.core.policy import Policy
 from mailguard.core.rules.campaign import (
     CampaignCount,
+    MailbombHold,
     RecipientCount,
     SenderFacts,
     decide,
     excused,
     format_window,
     has_one_click,
+    hold_verdict,
+    monitored,
 )
 from mailguard.core.verdict import Accept, Defer, Reject
 
@@ -105,8 +108,39 @@ def test_actions_defer_and_monitor() -> None:
     verdict, _ = decide(POLICY, limits, c, PLAIN)
     assert isinstance(verdict, Defer) and verdict.reply().startswith("450 4.7.1 Refused")
     monitor = dataclasses.replace(LIMITS, bulk_action="monitor")
-    decision = Policy(POLICY).campaign(monitor, c, PLAIN)
+    headers = SenderFacts(False, False, (False,), True, True)
+    decision = Policy(POLICY).campaign(monitor, c, headers)
     assert not decision.refused and decision.found.rule == "unsolicited_bulk"
+
+
+def test_a_monitored_rule_never_hides_a_later_refusal() -> None:
+    """The first rule that refuses decides; a monitored rule refuses nothing, so the next rule
+    that finds something still refuses (one message to a bombed recipient and to a recipient
+    past the bulk threshold must not get past the bulk rule because bombs are only watched)."""
+    both = count(21, True, RecipientCount("v@x", False, 11), RecipientCount("new@x", True, 1))
+    headers = SenderFacts(False, False, (False, False), True, True)
+    watch_bombs = dataclasses.replace(LIMITS, mailbomb_action="monitor")
+    verdict, action = decide(POLICY, watch_bombs, both, headers)
+    assert verdict.rule == "unsolicited_bulk" and action == "reject"
+    # Every finding monitored: the first is logged, the message accepted.
+    watch_all = dataclasses.replace(watch_bombs, bulk_action="monitor")
+    verdict, action = decide(POLICY, watch_all, both, headers)
+    assert verdict.rule == "mailbomb" and action == "monitor"
+    decision = Policy(POLICY).campaign(watch_all, both, headers)
+    assert not decision.refused and decision.found.rule == "mailbomb"
+    # Hygiene has its own action: a monitored bulk rule does not excuse missing headers.
+    verdict, action = decide(POLICY, watch_all, both, PLAIN)
+    assert verdict.rule == "bulk_hygiene" and action == "reject"
+
+
+def test_monitored_flags_for_the_store() -> None:
+    assert monitored(POLICY, LIMITS) == (False, False)
+    assert monitored(dataclasses.replace(POLICY, mode="monitor"), LIMITS) == (True, True)
+    assert monitored(POLICY, dataclasses.replace(LIMITS, mailbomb_action="monitor")) == (
+        False,
+        True,
+    )
+    assert monitored(POLICY, dataclasses.replace(LIMITS, bulk_action="monitor")) == (True, False)
 
 
 def test_global_soft_bounce_applies() -> None:
@@ -131,3 +165,71 @@ def test_helpers() -> None:
     assert format_window(900) == "15m"
     assert has_one_click([" List-Unsubscribe=One-Click "])
     assert not has_one_click(["yes"])
+
+
+# -- the mail-bomb hold at RCPT ----------------------------------------------------------------
+
+HOLD = MailbombHold(campaign="c1", count=11, threshold=10, window=86400.0, until=1000.0)
+
+
+def test_hold_defers_with_its_own_text_and_numbers() -> None:
+    verdict = hold_verdict(POLICY, LIMITS, "v@example.org", HOLD, 999.5)
+    assert isinstance(verdict, Defer) and verdict.rule == "mailbomb_hold"
+    assert verdict.reply() == (
+        "450 4.7.1 Deferred: mail from this sender to <v@example.org> is held for up to 10m "
+        "after message 11 of substantively similar messages to it in 24h was refused; at most "
+        "10 are allowed (AUP: mail bombing). See https://hosting.example/aup"
+    )
+    assert dict(verdict.numbers) == {
+        "campaign": "c1",
+        "recipient": "v@example.org",
+        "count": 11,
+        "threshold": 10,
+        "window": "24h",
+        "hold": "10m",
+    }
+
+
+def test_hold_is_always_a_deferral() -> None:
+    """Whatever the mail-bomb action: at RCPT the message is unknown, so never a 5xx."""
+    for action in ("reject", "defer"):
+        limits = dataclasses.replace(LIMITS, mailbomb_action=action)
+        verdict = hold_verdict(POLICY, limits, "v@x", HOLD, 0.0)
+        assert isinstance(verdict, Defer) and verdict.code == 450
+    soft = dataclasses.replace(POLICY, soft_bounce=True)
+    decision = Policy(soft).mailbomb_hold(LIMITS, "v@x", HOLD, 0.0)
+    assert decision is not None and decision.refused and decision.verdict.code == 450  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("policy", "limits", "now"),
+    [
+        (POLICY, LIMITS, 1000.0),  # the hold has ended (exactly at until)
+        (POLICY, LIMITS, 5000.0),
+        (dataclasses.replace(POLICY, mode="monitor"), LIMITS, 0.0),
+        (dataclasses.replace(POLICY, mode="off"), LIMITS, 0.0),
+        (dataclasses.replace(POLICY, mailbomb_hold=0.0), LIMITS, 0.0),
+        (POLICY, dataclasses.replace(LIMITS, mailbomb_action="monitor"), 0.0),
+        (POLICY, dataclasses.replace(LIMITS, mailbomb_messages=11), 0.0),  # config changed
+        (POLICY, dataclasses.replace(LIMITS, mailbomb_window=3600.0), 0.0),
+    ],
+)
+def test_hold_does_not_apply(policy: PolicyConfig, limits: CampaignLimits, now: float) -> None:
+    assert hold_verdict(policy, limits, "v@x", HOLD, now) is None
+    assert Policy(policy).mailbomb_hold(limits, "v@x", HOLD, now) is None
+
+
+def test_checks_holds_only_when_a_hold_can_defer() -> None:
+    assert Policy(POLICY).checks_holds(LIMITS)
+    assert Policy(POLICY).mailbomb_hold(LIMITS, "v@x", None, 0.0) is None
+    assert not Policy(dataclasses.replace(POLICY, mode="monitor")).checks_holds(LIMITS)
+    assert not Policy(dataclasses.replace(POLICY, mailbomb_hold=0.0)).checks_holds(LIMITS)
+    watch = dataclasses.replace(LIMITS, mailbomb_action="monitor")
+    assert not Policy(POLICY).checks_holds(watch)
+
+
+def test_custom_hold_template() -> None:
+    templates = dataclasses.replace(POLICY.templates, mailbomb_hold="Wait {hold} for <{recipient}>")
+    policy = dataclasses.replace(POLICY, templates=templates, mailbomb_hold=90.0)
+    verdict = hold_verdict(policy, LIMITS, "v@x", HOLD, 0.0)
+    assert verdict is not None and verdict.text == "Wait 90s for <v@x>"

@@ -1,0 +1,117 @@
+"""Mail-bomb holds: what an enforced mail-bomb refusal leaves behind for the RCPT stage (issue 4).
+
+Responsible for: writing a hold per (customer, envelope sender, recipient) after a message was
+refused as a mail bomb at end of DATA (one script, ``lua/mailbomb_hold.lua``, which also works
+out when the hold must end), and reading the holds of a transaction's recipients at RCPT (one
+``MGET`` per batch of pipelined RCPTs).  Whether a hold defers a RCPT is the pure core's call
+(``core.rules.campaign.hold_verdict``).
+Must never: decide policy, read a clock, or let a Redis exception escape (``StoreError``).
+
+Keys (the customer's hash tag, so ``MGET`` and the script run on Redis Cluster)::
+
+    {prefix}:{{customer}}:cust:mbhold:{sender hash}:{recipient hash}   STRING JSON, PX = the hold
+
+Sender and recipient are stored as ``counting.recipient_key`` hashes (normalized, lower-cased),
+so no address is stored.  A hold lives until it ends (``PX``), at most ``mailbomb_hold``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+
+from mailguard.core.rules.campaign import MailbombHold
+from mailguard.store.counting import CampaignKeys, recipient_key
+from mailguard.store.redis_store import RedisStore, lua_script
+
+HOLD = "mbhold"
+
+
+def _num(name: str, value: float) -> str:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, not {value!r}")
+    return repr(value)
+
+
+def parse_hold(raw: bytes | str | None) -> MailbombHold | None:
+    """A stored hold, or None (absent, or not a hold this version wrote)."""
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+        return MailbombHold(
+            campaign=str(data["c"]),
+            count=int(data["n"]),
+            threshold=int(data["t"]),
+            window=float(data["w"]),
+            until=float(data["u"]),
+        )
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+class MailbombHolds:
+    """Holds on a ``RedisStore`` (see the module docstring)."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self._hold = store.script(lua_script("mailbomb_hold"))
+
+    def key(self, customer: str, sender: str, recipient: str) -> str:
+        return self.store.keys.customer_key(
+            customer, HOLD, recipient_key(sender), recipient_key(recipient)
+        )
+
+    async def hold(
+        self,
+        customer: str,
+        sender: str,
+        campaign: str,
+        refused: Sequence[tuple[str, int]],
+        now: float,
+        *,
+        hold: float,
+        mailbomb_messages: int,
+        mailbomb_window: float,
+    ) -> tuple[float | None, ...]:
+        """Hold ``refused`` (recipient, the refused message's number to it) for ``sender`` after
+        a mail-bomb refusal of a message of ``campaign``; per recipient, when its hold ends (None:
+        not held, see ``lua/mailbomb_hold.lua``).  ``StoreError`` if the store fails."""
+        if not refused:
+            return ()
+        if not hold > 0:
+            raise ValueError(f"hold must be positive, not {hold!r}")
+        keys = CampaignKeys.of(self.store, customer, campaign)
+        script_keys: list[str] = []
+        for recipient, _ in refused:
+            script_keys += [
+                self.key(customer, sender, recipient),
+                keys.mailbomb_prefix + recipient_key(recipient),
+            ]
+        args = [
+            _num("now", now),
+            _num("hold", hold),
+            _num("mailbomb_window", mailbomb_window),
+            str(int(mailbomb_messages)),
+            campaign,
+            *(str(int(number)) for _, number in refused),
+        ]
+        raw = await self.store._run(
+            "mailbomb_hold", lambda: self._hold(keys=script_keys, args=args)
+        )
+        ends = (float(x) for x in raw)
+        return tuple(end if end > 0 else None for end in ends)
+
+    async def read(
+        self, customer: str, sender: str, recipients: Sequence[str]
+    ) -> list[MailbombHold | None]:
+        """The holds of ``sender`` to each of ``recipients`` (one ``MGET``); None where there is
+        none.  ``StoreError`` if the store fails."""
+        if not recipients:
+            return []
+        keys = [self.key(customer, sender, r) for r in recipients]
+        redis = self.store._redis
+        raw = await self.store._run("mailbomb_holds", lambda: redis.mget(keys))
+        return [parse_hold(x) for x in raw]
