@@ -37,7 +37,7 @@ LOAD_SETTINGS = {
     "milter_default_action": "tempfail",
     "smtpd_client_connection_count_limit": "0",
 }
-MODES = ("plain", "milter", "gate")
+MODES = ("plain", "milter", "milter-unix", "gate")
 
 
 class PostfixTarget(TargetProcess):
@@ -62,9 +62,18 @@ class PostfixTarget(TargetProcess):
         self.mode = mode
         settings = dict(LOAD_SETTINGS, relayhost=f"[{upstream[0]}]:{upstream[1]}")
         self.milter_port = free_port() if mode == "milter" else None
+        self.postfix = PrivatePostfix(workdir / "postfix", free_port(), settings)
+        self.milter_socket: Path | None = None
+        milter_spec = ""
         if self.milter_port is not None:
             settings["smtpd_milters"] = f"inet:127.0.0.1:{self.milter_port}"
-        self.postfix = PrivatePostfix(workdir / "postfix", free_port(), settings)
+            milter_spec = f"inet:{self.milter_port}@127.0.0.1"
+        elif mode == "milter-unix":
+            # Postfix's daemons run in its queue directory: a relative path reaches the socket
+            # where the private directories above it are closed to the postfix user.
+            self.milter_socket = self.postfix.queue_dir / "mailguard-milter.sock"
+            settings["smtpd_milters"] = "unix:mailguard-milter.sock"
+            milter_spec = f"unix:{self.milter_socket}"
         config = workdir / "mailguard.toml"
         argv: list[str] = []
         port = self.postfix.port
@@ -80,8 +89,8 @@ class PostfixTarget(TargetProcess):
                 )
             )
             argv = [python, "-m", "mailguard", "serve", "--config", str(config)]
-        elif self.milter_port is not None:
-            milter = json.dumps(f"inet:{self.milter_port}@127.0.0.1")
+        elif milter_spec:
+            milter = json.dumps(milter_spec)
             config.write_text(
                 gate_config(
                     port=free_port(),  # unused: the milter speaks no SMTP
@@ -107,10 +116,13 @@ class PostfixTarget(TargetProcess):
 
     async def start(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        if self.milter_port is not None:
-            await self._start_milter(deadline)  # before Postfix takes mail for it
         try:
             await asyncio.to_thread(self.postfix.create)
+        except Exception as exc:
+            raise TargetStartError(f"{self.name}: Postfix not created: {exc}") from exc
+        if self.mode.startswith("milter"):
+            await self._start_milter(deadline)  # before Postfix takes mail for it
+        try:
             await asyncio.to_thread(self.postfix.start, max(deadline - time.monotonic(), 1.0))
         except Exception as exc:
             await self.stop()
@@ -120,7 +132,6 @@ class PostfixTarget(TargetProcess):
 
     async def _start_milter(self, deadline: float) -> None:
         """Start the milter and wait until its socket accepts connections (it has no banner)."""
-        assert self.milter_port is not None
         self.spawn()
         assert self.proc is not None
         while time.monotonic() < deadline:
@@ -129,12 +140,23 @@ class PostfixTarget(TargetProcess):
                     f"{self.name}: the milter exited with status {self.proc.returncode}\n"
                     f"{self.stderr_tail()}"
                 )
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", self.milter_port)) == 0:
-                    return
+            if self._milter_listens():
+                if self.milter_socket is not None:
+                    self.milter_socket.chmod(0o666)  # Postfix's smtpd runs as postfix
+                return
             await asyncio.sleep(0.1)
         await self.stop()
         raise TargetStartError(f"{self.name}: the milter did not listen\n{self.stderr_tail()}")
+
+    def _milter_listens(self) -> bool:
+        if self.milter_socket is not None:
+            family, address = socket.AF_UNIX, str(self.milter_socket)
+            if not self.milter_socket.exists():
+                return False
+        else:
+            family, address = socket.AF_INET, ("127.0.0.1", self.milter_port)  # type: ignore[assignment]
+        with socket.socket(family) as sock:
+            return sock.connect_ex(address) == 0
 
     async def stop(self, grace: float = 15.0) -> None:
         await super().stop(grace)

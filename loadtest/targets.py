@@ -32,6 +32,7 @@ TARGETS: dict[str, tuple[str, str]] = {
     # ``mailguard milter``, or behind ``mailguard serve`` (both with the policy on)
     "postfix": ("postfix", "plain"),
     "postfix-milter": ("postfix", "milter"),
+    "postfix-milter-unix": ("postfix", "milter-unix"),
     "gate-postfix": ("postfix", "gate"),
 }
 ALIASES = {"gate-on": "gate-enforce", "baseline": "passthrough"}
