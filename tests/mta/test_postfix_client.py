@@ -4,9 +4,10 @@ The customer's Postfix relays everything (``relayhost``) to a door: either ``mai
 (whose upstream is a private Postfix that queues), or a private Postfix whose smtpd consults
 ``mailguard milter`` (``smtpd_milters``) and queues.  The same four scenarios run through both:
 a clean message passes, the 21st recipient of a campaign is bounced, the 11th copy to one
-recipient is bounced, and with Redis stopped the message is deferred, then sent once Redis is
-back.  The assertions are on what the customer's Postfix logged (sent / bounced / deferred, with
-the door's reply), on what reached the queue behind the door, and on the door's decision log.
+recipient is bounced (and the sender's next message to it deferred at RCPT), and with Redis
+stopped the message is deferred, then sent once Redis is back.  The assertions are on what the
+customer's Postfix logged (sent / bounced / deferred, with the door's reply), on what reached
+the queue behind the door, and on the door's decision log.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ BULK_REFUSED = (
 BOMB_REFUSED = (
     "550 5.7.1 Refused: this would be message 11 of substantively similar messages to "
     f"<{BOB}> in 24h; at most 10 are allowed (AUP: mail bombing). See https://www.example.net/aup"
+)
+HELD = (
+    f"450 4.7.1 Deferred: mail from this sender to <{BOB}> is held for up to 10m after message "
+    "11 of substantively similar messages to it in 24h was refused; at most 10 are allowed "
+    "(AUP: mail bombing). See https://www.example.net/aup"
 )
 TEMPFAIL = "451 4.3.0 "
 
@@ -144,7 +150,7 @@ async def test_21st_recipient_of_a_campaign_is_bounced(
     customer.wait_for_log(r"discard\[\d+\]: \w+: to=<news@acme\.example>")
 
 
-async def test_11th_copy_to_one_recipient_is_bounced(
+async def test_11th_copy_to_one_recipient_is_bounced_and_the_12th_held_at_rcpt(
     customer: PrivatePostfix, door: Door
 ) -> None:
     for i in range(11):
@@ -155,6 +161,12 @@ async def test_11th_copy_to_one_recipient_is_bounced(
     assert door.queue.wait_for_recipients(10) == [BOB] * 10
     decision = door.decisions()[-1]
     assert (decision["rule"], decision["numbers"]["count"]) == ("mailbomb", 11), decision
+    # The sender's next message to the same recipient is held at RCPT: deferred, not bounced.
+    await submit(customer, BOB, campaign_copy(BOB, 11))
+    held = deliveries(customer, 12)[11]
+    assert held.status == "deferred", held
+    assert held.reply == said(HELD) + " (in reply to RCPT TO command)", held
+    assert door.decisions()[-1]["rule"] == "mailbomb_hold"
 
 
 async def test_redis_stopped_defers_and_the_retry_is_sent(
