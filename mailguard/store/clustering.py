@@ -30,14 +30,18 @@ let a Redis exception escape (``RedisStore._run`` turns every failure into ``Sto
 * **Keys** (one customer's keys share the hash tag ``{customer}``, so the script runs unchanged on
   Redis Cluster; every key it touches is in its KEYS)::
 
-      {prefix}:{{customer}}:cust:cl:rec          HASH id -> '>dd' (created, last_seen) + rep bytes
-      {prefix}:{{customer}}:cust:cl:seen         ZSET id -> last_seen (finds dead clusters)
-      {prefix}:{{customer}}:cust:cl:b:{band}     STRING '>d' touched + ids (16 chars, MRU first)
+      {prefix}:{{customer}}:cust:cl:rec   HASH id -> '>dd' (created, last_seen) + rep bytes
+                                          + '>d' per band (latest assignment through it)
+      {prefix}:{{customer}}:cust:cl:seen  ZSET id -> last_seen (finds dead clusters)
+      {prefix}:{{customer}}:cust:cl:bk    HASH band field -> '>d' stored + ids (16 chars, MRU first)
 
-  ``{band}`` is a band key of ``sketch.band_keys``: 18 hex digits, or ``x`` and 16 for an exact
-  fingerprint.  A cluster costs one record (~300 bytes) and up to 32 bucket entries: about
-  6.5 KB of Redis memory for a cluster alone in its buckets (measured: 20,000 clusters, 130 MB),
-  mostly the per-key overhead of the 32 bucket keys.
+  A band field is :func:`bucket_field` of a band key of ``sketch.band_keys`` (9 bytes: the band's
+  index and its 8 bytes, or ``x`` and an exact fingerprint's digest).  A bucket's ``touched``
+  (the model's) is the largest of its stored time and its ids' band times for it, so a message
+  that joins a cluster rewrites the cluster's record and no bucket (unless the winner has to
+  move to the front of one); the script's header shows why this equals ``ClusterIndex``.  A
+  cluster costs one record (~530 bytes) and up to 32 bucket entries (fields of one hash, deleted
+  with the cluster when it is purged).
 """
 
 from __future__ import annotations
@@ -51,7 +55,6 @@ from mailguard.core.fingerprint.sketch import (
     LANES,
     SIMILARITY_THRESHOLD,
     Fingerprint,
-    band_keys,
     new_cluster_id,
 )
 from mailguard.store.redis_store import RedisStore, lua_script
@@ -86,27 +89,29 @@ class ClusterKeys:
 
     records: str
     seen: str
-    bucket_prefix: str  # + a band key = that bucket
+    buckets: str  # a hash: bucket_field(band key) -> bucket
 
     @classmethod
     def of(cls, store: RedisStore, customer: str) -> ClusterKeys:
         """``ValueError`` if ``customer`` is empty."""
         key = store.keys.customer_key
-        # Band keys are hex digits (and 'x'): nothing in them is escaped, so appending them to
-        # the prefix gives customer_key(customer, "cl", "b", band) without escaping 32 times.
         return cls(
             key(customer, CLUSTERS, "rec"),
             key(customer, CLUSTERS, "seen"),
-            key(customer, CLUSTERS, "b") + ":",
+            key(customer, CLUSTERS, "bk"),
         )
 
-    def bucket(self, band: str) -> str:
-        return self.bucket_prefix + band
-
     def script_keys(self, fp: Fingerprint) -> list[str]:
-        """KEYS of the script: records, seen, then one bucket per band key of ``fp``."""
-        prefix = self.bucket_prefix
-        return [self.records, self.seen, *[prefix + band for band in band_keys(fp)]]
+        """KEYS of the script: records, seen, buckets (the same for every fingerprint)."""
+        return [self.records, self.seen, self.buckets]
+
+
+def bucket_field(band: str) -> bytes:
+    """The field of the bucket hash for a band key of ``sketch.band_keys`` (what the script
+    derives from the fingerprint's bytes itself)."""
+    if band.startswith("x"):
+        return b"x" + bytes.fromhex(band[1:])
+    return bytes.fromhex(band)
 
 
 def _num(name: str, value: float) -> str:

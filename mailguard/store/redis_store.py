@@ -19,16 +19,19 @@ URLs (``[store] url``), as redis-py parses them::
 hash slot.  Other query parameters go to redis-py unchanged.
 
 Timeouts: the socket connect/read timeouts are ``timeout`` and the whole call (retries included)
-is also bounded by ``asyncio.wait_for``.  A connection error is retried twice after a few
-milliseconds, so the first call after a server restart reconnects transparently, and a down server
-is reported within milliseconds.  Retrying a script is safe: each call carries a unique member id,
-so a repeated ``auth_failure`` does not count twice.
+is also bounded by ``asyncio.timeout`` (the only bound of a script's reply on a single server:
+scripts go over the store's own connections, ``_DirectConnections``).  A connection error is
+retried twice after a few milliseconds, so the first call after a server restart reconnects
+transparently, and a down server is reported within milliseconds.  Retrying a script is safe:
+each call carries a unique member id, so a repeated ``auth_failure`` does not count twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
+import random
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -42,7 +45,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mailguard.store.base import StoreError
@@ -171,6 +175,84 @@ def fast_packing(cls: type[AbstractConnection]) -> type[AbstractConnection]:
     return FastPacking
 
 
+def _pack_args(args: tuple[Any, ...]) -> bytes | None:
+    """``args`` packed by hiredis when it packs them as redis-py would, else ``None``."""
+    if _hiredis_pack is None or not frozenset(map(type, args)) <= _PACKABLE:
+        return None
+    return _hiredis_pack(args)  # type: ignore[no-any-return]
+
+
+class _DirectConnections:
+    """Commands on a single server without redis-py's client layers (see ``RedisStore.script``).
+
+    redis-py's ``Redis.execute_command`` costs about 0.1 ms of CPU per script call on top of
+    the socket work: its ``Retry`` wrapper, the deprecation wrapper of ``evalsha``, a connection
+    pool that records metrics and takes a lock per call, a task per socket write
+    (``asyncio.wait_for`` for the write timeout) and a timeout context per read.  Here a call
+    takes an idle connection from a plain list (``RedisStore`` already bounds the calls in flight
+    by ``max_connections``), writes the command packed once by hiredis and reads the reply.
+    The connections are redis-py's own (same class and URL options: TLS, unix sockets, AUTH,
+    db, client name, connect timeout), made without a socket read/write timeout: every call
+    runs inside ``RedisStore._run``'s ``asyncio.timeout``, and a connection interrupted in the
+    middle of a call (timeout, cancellation, any error but a Redis error reply) is disconnected
+    before it goes back, so no reply can be read by the wrong call.  A connection error is
+    retried ``_RETRIES`` times after a few milliseconds on a fresh connection, as redis-py did.
+    """
+
+    def __init__(self, pool: Any, backoff_cap: float) -> None:
+        self._class = pool.connection_class
+        self._kwargs = {**pool.connection_kwargs, "socket_timeout": None}
+        self._idle: list[AbstractConnection] = []
+        self._backoff_cap = backoff_cap
+
+    def make(self) -> AbstractConnection:
+        return self._class(**self._kwargs)  # type: ignore[no-any-return]
+
+    async def execute(self, args: tuple[Any, ...]) -> Any:
+        """The reply to one command (``ResponseError`` for an error reply)."""
+        packed: bytes | list[bytes] | None = _pack_args(args)
+        idle = self._idle
+        attempt = 0
+        while True:
+            conn = idle.pop() if idle else self.make()
+            try:
+                if packed is None:
+                    packed = conn.pack_command(*args)
+                if not conn.is_connected:
+                    await conn.connect()  # type: ignore[no-untyped-call]
+                await conn.send_packed_command(packed, check_health=False)
+                reply = await conn.read_response()
+            except RedisError as exc:
+                if not isinstance(exc, ResponseError):  # an error reply leaves it in step
+                    await conn.disconnect(nowait=True)
+                idle.append(conn)
+                if not isinstance(exc, RedisConnectionError) or attempt >= _RETRIES:
+                    raise
+            except BaseException:  # OSError, a timeout or a cancellation in mid-call
+                await conn.disconnect(nowait=True)
+                idle.append(conn)
+                raise
+            else:
+                idle.append(conn)
+                return reply
+            await asyncio.sleep(min(self._backoff_cap, 0.005 * 2**attempt) * random.random())
+            attempt += 1
+
+    async def script(self, sha: str, source: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """EVALSHA, loading the script first if the server does not have it (NOSCRIPT)."""
+        command = ("EVALSHA", sha, len(keys), *keys, *args)
+        try:
+            return await self.execute(command)
+        except NoScriptError:
+            await self.execute(("SCRIPT", "LOAD", source))
+            return await self.execute(command)
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.disconnect()
+
+
 class LuaScript(Protocol):
     async def __call__(self, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any: ...
 
@@ -213,6 +295,7 @@ class RedisStore:
             "max_connections": max_connections,
         }
         self._redis: Redis | RedisCluster
+        self._direct: _DirectConnections | None = None
         try:
             if parsed.cluster:
                 # No full reinitialization after every 5th MOVED: redis-py does it by aclose(),
@@ -226,6 +309,7 @@ class RedisStore:
                 # redis-py passes unknown URL parameters to the connection class, which would
                 # fail with TypeError on first use: build one (unconnected) now to find out.
                 self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+                self._direct = _DirectConnections(pool, min(0.05, timeout / 10))
         except (ValueError, TypeError, RedisError, RedisClusterException) as exc:
             raise ValueError(f"[store] url {self.url!r}: {exc}") from exc
         self._auth_failure = self.script(lua_script("auth_failure"))
@@ -234,8 +318,9 @@ class RedisStore:
     def script(self, source: str) -> LuaScript:
         """A Lua script bound to this store: ``await script(keys=[...], args=[...])``.
 
-        EVALSHA with a fallback to loading it on a single server.  On Redis Cluster every call
-        is an EVAL instead (routed by the first key's slot, no NOSCRIPT round trip).  The
+        EVALSHA with a fallback to loading it (SCRIPT LOAD) on a single server, sent on the
+        store's own connections (``_DirectConnections``).  On Redis Cluster every call is an
+        EVAL instead (routed by the first key's slot, no NOSCRIPT round trip).  The
         broken connections once blamed on redis-py's EVALSHA fallback there came from calls
         routed before the cluster client was initialized; see ``_run``.
         """
@@ -246,12 +331,14 @@ class RedisStore:
                 return await redis.eval(source, len(keys), *keys, *args)
 
             return run
-        registered = self._redis.register_script(source)
+        assert self._direct is not None
+        call = self._direct.script
+        sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
 
-        async def run_sha(keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:
-            return await registered(keys=list(keys), args=list(args))
+        def run_sha(keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Awaitable[Any]:
+            return call(sha, source, keys, args)
 
-        return run_sha
+        return run_sha  # type: ignore[return-value]
 
     def __repr__(self) -> str:
         return f"RedisStore({self.url!r}{', cluster' if self.cluster else ''})"
@@ -305,6 +392,8 @@ class RedisStore:
             return
         self._closed = True
         try:
+            if self._direct is not None:
+                await self._direct.close()
             await self._redis.aclose()
         finally:
             if self._on_close is not None:

@@ -38,7 +38,7 @@ from mailguard.core.fingerprint.sketch import (
     similarity,
 )
 from mailguard.store.base import StoreError
-from mailguard.store.clustering import ClusterKeys, ClusterStore, lanes_needed
+from mailguard.store.clustering import ClusterKeys, ClusterStore, bucket_field, lanes_needed
 from mailguard.store.redis_store import RedisStore
 from tests.conftest import RedisServer
 
@@ -144,7 +144,9 @@ def parse_records(stored: Mapping[Any, Any]) -> dict[str, tuple[float, float, by
         assert isinstance(cid, bytes)
         assert isinstance(value, bytes)
         created, last_seen = struct.unpack_from(">dd", value)
-        found[cid.decode()] = (created, last_seen, value[16:])
+        rep_len = 4 + 2 * LANES if value[17] == 1 else 12
+        assert len(value) == 16 + rep_len + 8 * (32 if value[17] == 1 else 1)  # + band times
+        found[cid.decode()] = (created, last_seen, value[16 : 16 + rep_len])
     return found
 
 
@@ -298,9 +300,9 @@ async def test_every_key_expires(clusters: ClusterStore, raw: Redis) -> None:
         await clusters.assign(CUSTOMER, copy_fp(CAMPAIGNS[i % 3], i), NOW + i)  # found + match
     await clusters.assign(CUSTOMER, exact(5), NOW + 7)
     keys = [key.decode() async for key in raw.scan_iter()]
-    assert len(keys) == 2 + 3 * 32 + 1  # rec, seen, the campaigns' and the exact fp's buckets
+    assert len(keys) == 3  # rec, seen, and the buckets of the campaigns and the exact fp
     kinds = {key.split(":")[4] for key in keys}
-    assert kinds == {"rec", "seen", "b"}
+    assert kinds == {"rec", "seen", "bk"}
     for key in keys:
         assert key.startswith(f"mg:{{{CUSTOMER}}}:cust:cl:"), key
         assert 0 < await raw.pttl(key) <= DAY * 1000, key
@@ -310,10 +312,12 @@ async def test_key_layout(store: RedisStore, raw: Redis) -> None:
     keys = ClusterKeys.of(store, "a:{b}")
     assert keys.records == "mg:{a:%7Bb%7D}:cust:cl:rec"
     assert keys.seen == "mg:{a:%7Bb%7D}:cust:cl:seen"
+    assert keys.buckets == "mg:{a:%7Bb%7D}:cust:cl:bk"
     for fp in (copy_fp(CAMPAIGNS[0], 0), exact(9)):
-        buckets = keys.script_keys(fp)[2:]
-        assert buckets == [store.keys.customer_key("a:{b}", "cl", "b", b) for b in band_keys(fp)]
-        assert len(buckets) == (32 if fp.kind == "sketch" else 1)
+        assert keys.script_keys(fp) == [keys.records, keys.seen, keys.buckets]
+        fields = [bucket_field(band) for band in band_keys(fp)]
+        assert len(set(fields)) == len(fields) == (32 if fp.kind == "sketch" else 1)
+        assert all(len(field) == 9 for field in fields)
     clusters = ClusterStore(store, DAY)
     fp = copy_fp(CAMPAIGNS[0], 0)
     cid = await clusters.assign("a:{b}", fp, NOW)
@@ -321,7 +325,8 @@ async def test_key_layout(store: RedisStore, raw: Redis) -> None:
     stored = await records(raw, keys)
     assert stored == {cid: (NOW, NOW, fp.to_bytes())}
     assert await raw.zrange(keys.seen, 0, -1, withscores=True) == [(cid.encode(), NOW)]
-    bucket = await raw.get(keys.bucket(band_keys(fp)[0]))
+    assert await raw.hlen(keys.buckets) == 32
+    bucket = await raw.hget(keys.buckets, bucket_field(band_keys(fp)[0]))
     assert bucket == struct.pack(">d", NOW) + cid.encode()
 
 
@@ -343,9 +348,9 @@ async def test_memory_stays_bounded(store: RedisStore, raw: Redis) -> None:
     # After call k: 200 - 16k dead (while any are left) and k live clusters.
     full = dead // 16  # 12 calls delete 16 each, the 13th the last 8
     assert sizes == [dead - 15 * k for k in range(1, full + 1)] + list(range(full + 1, 21))
-    # The dead clusters' buckets are never read again; they expire in real time, window after
-    # their last write.
-    assert 0 < await raw.pttl(keys.bucket(band_keys(random_sketch(0))[0])) <= window * 1000
+    # The dead clusters' bucket entries went with them: 32 buckets of each live cluster are left.
+    assert await raw.hlen(keys.buckets) == 32 * 20
+    assert 0 < await raw.pttl(keys.buckets) <= window * 1000
 
 
 def band0_sibling(base: list[int], k: int) -> Fingerprint:
@@ -358,12 +363,13 @@ async def test_buckets_keep_bucket_cap_ids(store: RedisStore, raw: Redis) -> Non
     base = [random.Random(3).getrandbits(16) for _ in range(LANES)]
     ids = [await clusters.assign(CUSTOMER, band0_sibling(base, k), NOW + k) for k in range(3)]
     assert len(set(ids)) == 3
-    band0 = ClusterKeys.of(store, CUSTOMER).bucket(band_keys(sketch(base))[0])
-    assert await raw.get(band0) == struct.pack(">d", NOW + 2) + (ids[2] + ids[1]).encode()
+    band0 = bucket_field(band_keys(sketch(base))[0])
+    buckets = ClusterKeys.of(store, CUSTOMER).buckets
+    assert await raw.hget(buckets, band0) == struct.pack(">d", NOW + 2) + (ids[2] + ids[1]).encode()
     # ids[0] fell out of the bucket: a copy that shares only band 0 with it no longer finds it
     # (the model does the same; copies share far more than one band).
     assert await clusters.assign(CUSTOMER, band0_sibling(base, 0), NOW + 3) == ids[0]
-    assert await raw.get(band0) == struct.pack(">d", NOW + 2) + (ids[2] + ids[1]).encode()
+    assert await raw.hget(buckets, band0) == struct.pack(">d", NOW + 2) + (ids[2] + ids[1]).encode()
 
 
 async def test_buckets_drop_dead_clusters_and_move_winners_to_the_front(
@@ -371,17 +377,22 @@ async def test_buckets_drop_dead_clusters_and_move_winners_to_the_front(
 ) -> None:
     clusters = ClusterStore(store, 100.0, purge=0)
     base = [random.Random(5).getrandbits(16) for _ in range(LANES)]
-    band0 = ClusterKeys.of(store, CUSTOMER).bucket(band_keys(sketch(base))[0])
+    band0 = bucket_field(band_keys(sketch(base))[0])
+    buckets = ClusterKeys.of(store, CUSTOMER).buckets
     id0 = await clusters.assign(CUSTOMER, band0_sibling(base, 0), NOW)
     id1 = await clusters.assign(CUSTOMER, band0_sibling(base, 1), NOW + 10)
-    assert await raw.get(band0) == struct.pack(">d", NOW + 10) + (id1 + id0).encode()
+    assert await raw.hget(buckets, band0) == struct.pack(">d", NOW + 10) + (id1 + id0).encode()
     assert await clusters.assign(CUSTOMER, band0_sibling(base, 0), NOW + 20) == id0  # a match
-    assert await raw.get(band0) == struct.pack(">d", NOW + 20) + (id0 + id1).encode()
+    assert await raw.hget(buckets, band0) == struct.pack(">d", NOW + 20) + (id0 + id1).encode()
     id2 = await clusters.assign(CUSTOMER, band0_sibling(base, 2), NOW + 30)
-    assert await raw.get(band0) == struct.pack(">d", NOW + 30) + (id2 + id0 + id1).encode()
+    assert (
+        await raw.hget(buckets, band0) == struct.pack(">d", NOW + 30) + (id2 + id0 + id1).encode()
+    )
     # At +115 id1 (last seen at +10) is dead, id0 (+20) and id2 (+30) are alive.
     id3 = await clusters.assign(CUSTOMER, band0_sibling(base, 3), NOW + 115)
-    assert await raw.get(band0) == struct.pack(">d", NOW + 115) + (id3 + id2 + id0).encode()
+    assert (
+        await raw.hget(buckets, band0) == struct.pack(">d", NOW + 115) + (id3 + id2 + id0).encode()
+    )
     assert await raw.hlen(ClusterKeys.of(store, CUSTOMER).records) == 4  # purge=0: all kept
 
 
@@ -520,7 +531,7 @@ async def test_the_script_checks_its_arguments(store: RedisStore) -> None:
     args: list[str | bytes] = [repr(NOW), repr(DAY), fp.to_bytes(), "77"]
     args += [new_cluster_id(fp, NOW), "8", "16", "16"]
     with pytest.raises(StoreError, match="bad KEYS/ARGV"):
-        await store._run("x", lambda: clusters._assign(keys=keys[:3], args=args))
+        await store._run("x", lambda: clusters._assign(keys=keys[:2], args=args))
     with pytest.raises(StoreError, match="bad KEYS/ARGV"):
         await store._run("x", lambda: clusters._assign(keys=keys, args=[*args[:4], "x", *args[5:]]))
 
@@ -684,3 +695,27 @@ def test_redis_matches_the_model(runner_store: tuple[asyncio.Runner, RedisStore]
         lambda: ClusterMachine(runner, store),  # type: ignore[arg-type]  # a factory works too
         settings=settings(max_examples=100, stateful_step_count=40, deadline=None),
     )
+
+
+async def test_a_match_rewrites_the_record_not_the_buckets(store: RedisStore, raw: Redis) -> None:
+    """A copy joining its cluster moves the buckets' touched time through the cluster's band
+    times: the 32 buckets stay as written, and still expire a window after the last copy."""
+    window = 100.0
+    clusters = ClusterStore(store, window, purge=0)
+    keys = ClusterKeys.of(store, CUSTOMER)
+    fp = copy_fp(CAMPAIGNS[0], 0)
+    cid = await clusters.assign(CUSTOMER, fp, NOW)
+    buckets = await raw.hgetall(keys.buckets)
+    for k in range(1, 4):
+        assert await clusters.assign(CUSTOMER, fp, NOW + 90 * k) == cid
+        assert await raw.hgetall(keys.buckets) == buckets
+        (value,) = (await raw.hgetall(keys.records)).values()
+        assert struct.unpack_from(">dd", value) == (NOW, NOW + 90 * k)
+        assert set(struct.unpack_from(">32d", value, 16 + 260)) == {NOW + 90 * k}
+    # Alive through every band at +370 (buckets written at NOW, band times at +270) ...
+    model = ClusterIndex(window)
+    for now in (NOW, NOW + 90, NOW + 180, NOW + 270):
+        model.assign(fp, now)
+    other = band0_sibling([random.Random(7).getrandbits(16) for _ in range(LANES)], 0)
+    assert await clusters.assign(CUSTOMER, fp, NOW + 370) == model.assign(fp, NOW + 370) == cid
+    assert await clusters.assign(CUSTOMER, other, NOW + 371) == model.assign(other, NOW + 371)

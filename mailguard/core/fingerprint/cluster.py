@@ -47,7 +47,11 @@ For the store's script.  Defaults: ``threshold = SIMILARITY_THRESHOLD`` (0.66), 
 BUCKET_CAP`` (8), ``max_candidates = MAX_CANDIDATES`` (16); ``window`` is the longest rule
 window.  The caller passes ``fp.to_bytes()``, ``band_keys(fp)``, ``now`` and the id a new cluster
 would get (``new_cluster_id(fp, now)``, computed in Python).  Per cluster the script stores the
-founder's serialized fingerprint (260 or 12 bytes), ``created`` and ``last_seen``.  (Band keys
+founder's serialized fingerprint (260 or 12 bytes), ``created``, ``last_seen`` and, per band, the
+latest time a message was assigned to it through that band's bucket; a bucket stores its ids and
+a time, and its ``touched`` is the largest of that time and its ids' times for its band (equal
+to the ``touched`` above, so a match rewrites one record instead of every bucket; the script's
+header shows why).  (Band keys
 derive from the serialized bytes: band ``i`` is ``"%02x" % i`` and the hex of bytes
 ``4 + 8i .. 4 + 8i + 7``; an exact fingerprint's one key is ``"x"`` and the hex of bytes 4..11.)
 Similarity needs no floating point: two sketches (kind byte 1) match iff at least
