@@ -112,6 +112,5 @@ class MailbombHolds:
         if not recipients:
             return []
         keys = [self.key(customer, sender, r) for r in recipients]
-        redis = self.store._redis
-        raw = await self.store._run("mailbomb_holds", lambda: redis.mget(keys))
+        raw = await self.store.command("mailbomb_holds", "MGET", *keys)
         return [parse_hold(x) for x in raw]

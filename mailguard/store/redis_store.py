@@ -340,6 +340,16 @@ class RedisStore:
 
         return run_sha  # type: ignore[return-value]
 
+    async def command(self, operation: str, *args: Any) -> Any:
+        """One Redis command (``command("holds", "MGET", k1, k2)``), bounded like every call
+        (``StoreError`` on failure or timeout): on a single server over the store's own
+        connections, on a cluster through redis-py (routed by the keys' slot)."""
+        if self._direct is not None:
+            direct = self._direct
+            return await self._run(operation, lambda: direct.execute(args))
+        redis = self._redis
+        return await self._run(operation, lambda: redis.execute_command(*args))
+
     def __repr__(self) -> str:
         return f"RedisStore({self.url!r}{', cluster' if self.cluster else ''})"
 
