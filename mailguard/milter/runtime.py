@@ -103,6 +103,8 @@ class MilterRuntime:
         enforcer = setup.enforcer
         if enforcer is None or not setup.policy.checks_holds(customer.limits(setup.config.policy)):
             return None
+        if enforcer.holds.none_cached(customer.id):
+            return None  # no trip to the event loop for a customer without holds
         try:
             [decision] = self.bridge.call(
                 enforcer.rcpt_holds(setup.policy, customer, mail_from, [recipient], self.clock()),

@@ -3,13 +3,23 @@
 Responsible for: writing a hold per (customer, envelope sender, recipient) after a message was
 refused as a mail bomb at end of DATA (one script, ``lua/mailbomb_hold.lua``, which also works
 out when the hold must end), and reading the holds of a transaction's recipients at RCPT (one
-``MGET`` per batch of pipelined RCPTs).  Whether a hold defers a RCPT is the pure core's call
-(``core.rules.campaign.hold_verdict``).
-Must never: decide policy, read a clock, or let a Redis exception escape (``StoreError``).
+``MGET`` per batch of pipelined RCPTs, none while the customer is known to have no holds).
+Whether a hold defers a RCPT is the pure core's call (``core.rules.campaign.hold_verdict``).
+Must never: decide policy, read the policy clock (only a monotonic one, for the cache), or let a
+Redis exception escape (``StoreError``).
 
 Keys (the customer's hash tag, so ``MGET`` and the script run on Redis Cluster)::
 
     {prefix}:{{customer}}:cust:mbhold:{sender hash}:{recipient hash}   STRING JSON, PX = the hold
+    {prefix}:{{customer}}:cust:mbhold:any                              STRING, PX = longest hold
+
+``mbhold:any`` lives as long as any hold of the customer may: a read that finds it absent
+remembers for ``NONE_CACHE`` seconds (per process) that the customer has no holds, and reads of
+its recipients are skipped meanwhile (most customers never have one; the milter then skips
+even the trip to its event loop, ``none_cached``).  A hold written by this process clears that
+memory at once; one written by another gate or milter is seen here within ``NONE_CACHE``
+seconds.  Until then its RCPTs are relayed and end of DATA decides, as it always does, so the
+delay can only let a held sender's message be judged in full, never refuse anything more.
 
 Sender and recipient are stored as ``counting.recipient_key`` hashes (normalized, lower-cased),
 so no address is stored.  A hold lives until it ends (``PX``), at most ``mailbomb_hold``.
@@ -19,13 +29,16 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from mailguard.core.rules.campaign import MailbombHold
 from mailguard.store.counting import CampaignKeys, recipient_key
 from mailguard.store.redis_store import RedisStore, lua_script
 
 HOLD = "mbhold"
+ANY = "any"
+NONE_CACHE = 1.0  # seconds a "no holds" answer is remembered per process
 
 
 def _num(name: str, value: float) -> str:
@@ -55,9 +68,19 @@ def parse_hold(raw: bytes | str | None) -> MailbombHold | None:
 class MailbombHolds:
     """Holds on a ``RedisStore`` (see the module docstring)."""
 
-    def __init__(self, store: RedisStore) -> None:
+    def __init__(self, store: RedisStore, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self._hold = store.script(lua_script("mailbomb_hold"))
+        self._monotonic = monotonic
+        self._none_until: dict[str, float] = {}  # customer -> until when it has no holds
+
+    def none_cached(self, customer: str) -> bool:
+        """True while this process knows ``customer`` has no holds (see the module docstring);
+        a plain dict read, safe from any thread."""
+        return self._none_until.get(customer, 0.0) > self._monotonic()
+
+    def any_key(self, customer: str) -> str:
+        return self.store.keys.customer_key(customer, HOLD, ANY)
 
     def key(self, customer: str, sender: str, recipient: str) -> str:
         return self.store.keys.customer_key(
@@ -90,6 +113,8 @@ class MailbombHolds:
                 self.key(customer, sender, recipient),
                 keys.mailbomb_prefix + recipient_key(recipient),
             ]
+        script_keys.append(self.any_key(customer))
+        self._none_until.pop(customer, None)
         args = [
             _num("now", now),
             _num("hold", hold),
@@ -111,6 +136,12 @@ class MailbombHolds:
         none.  ``StoreError`` if the store fails."""
         if not recipients:
             return []
+        if self.none_cached(customer):
+            return [None] * len(recipients)
         keys = [self.key(customer, sender, r) for r in recipients]
-        raw = await self.store.command("mailbomb_holds", "MGET", *keys)
-        return [parse_hold(x) for x in raw]
+        started = self._monotonic()
+        raw = await self.store.command("mailbomb_holds", "MGET", self.any_key(customer), *keys)
+        if raw[0] is None:
+            self._none_until[customer] = started + NONE_CACHE
+            return [None] * len(recipients)
+        return [parse_hold(x) for x in raw[1:]]

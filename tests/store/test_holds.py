@@ -16,7 +16,7 @@ from mailguard.store.counting import (
     SettleOutcome,
     Verdict,
 )
-from mailguard.store.holds import MailbombHolds, parse_hold
+from mailguard.store.holds import NONE_CACHE, MailbombHolds, parse_hold
 from mailguard.store.redis_store import RedisStore
 
 NOW = 1_700_000_000.0
@@ -219,3 +219,41 @@ async def test_holds_on_cluster(cluster_url: str) -> None:
         assert found[0] is not None and found[0].until == NOW + 620 and found[1] is None
     finally:
         await store.close()
+
+
+async def test_no_holds_is_remembered_briefly_and_a_local_hold_clears_it(
+    store: RedisStore, redis_url: str
+) -> None:
+    """``mbhold:any``: a customer without holds costs no read for ``NONE_CACHE`` seconds; a
+    hold written here is seen at once, one written by another process within that time."""
+    clock = [100.0]
+    counter, cust = CampaignCounter(store), customer()
+    here = MailbombHolds(store, monotonic=lambda: clock[0])
+    other_store = RedisStore(redis_url, timeout=2.0)
+    try:
+        there = MailbombHolds(other_store, monotonic=lambda: clock[0])
+        assert await here.read(cust, SENDER, [VICTIM]) == [None]
+        assert here.none_cached(cust)
+        for i in range(10):
+            await commit(counter, cust, [VICTIM], NOW + i)
+        assert await commit(counter, cust, [VICTIM], NOW + 20) == [Verdict.MAILBOMB]
+        assert await hold(there, cust, NOW + 20) is not None  # another process holds
+        assert await here.read(cust, SENDER, [VICTIM]) == [None]  # not seen yet: cached
+        clock[0] += NONE_CACHE
+        [found] = await here.read(cust, SENDER, [VICTIM])
+        assert found is not None and not here.none_cached(cust)
+        # Written here: the cache of the other store's customer is cleared at once.
+        assert await there.read(customer(), SENDER, [VICTIM]) == [None]
+        other = customer()
+        assert await there.read(other, SENDER, [VICTIM]) == [None] and there.none_cached(other)
+        for i in range(10):
+            await commit(counter, other, [VICTIM], NOW + i)
+        assert await commit(counter, other, [VICTIM], NOW + 20) == [Verdict.MAILBOMB]
+        assert await hold(there, other, NOW + 20) is not None
+        assert not there.none_cached(other)
+        assert (await there.read(other, SENDER, [VICTIM]))[0] is not None
+        # The marker lives as long as the longest hold.
+        ttl = await store._redis.pttl(here.any_key(other))
+        assert 599_000 < ttl <= 600_000
+    finally:
+        await other_store.close()

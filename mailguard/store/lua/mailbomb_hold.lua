@@ -5,6 +5,8 @@
 -- KEYS[2i-1] string "mbhold" of (customer, envelope sender, recipient i): the hold.
 -- KEYS[2i]   sorted set "mb" of the refused campaign and recipient i: its mail-bomb log of
 --            committed sends (campaign_reserve.lua's KEYS[6+i]; read only).
+-- KEYS[#KEYS] string "mbhold:any" of the customer: set while any of its holds may live (readers
+--            skip the per-recipient reads while it is absent; store/holds.py).
 -- ARGV[1]  now: Unix seconds (float, as text) from the caller's clock; never the server's TIME.
 -- ARGV[2]  hold: the longest the hold may last (s > 0; [policy] mailbomb_hold).
 -- ARGV[3]  mailbomb_window (s > 0)   ARGV[4]  mailbomb_messages (int >= 0)
@@ -28,7 +30,9 @@ local hold = tonumber(ARGV[2])
 local window = tonumber(ARGV[3])
 local max = tonumber(ARGV[4])
 local campaign = ARGV[5]
-local n = #KEYS / 2
+local n = (#KEYS - 1) / 2
+local marker = KEYS[#KEYS]
+local marker_ms = 0
 if not now or not hold or hold <= 0 or not window or window <= 0 or not max or max < 0
     or campaign == nil or campaign == '' or n < 1 or n % 1 ~= 0
     or #ARGV ~= 5 + n then
@@ -57,9 +61,13 @@ for i = 1, n do
       cjson.encode(campaign), number, max, fmt(window), fmt(until_), fmt(now))
     local ms = math.max(1, math.ceil((until_ - now) * 1000))
     redis.call('SET', KEYS[2 * i - 1], value, 'PX', string.format('%.0f', ms))
+    if ms > marker_ms then marker_ms = ms end
     out[i] = fmt(until_)
   else
     out[i] = '0'
   end
+end
+if marker_ms > 0 and redis.call('PTTL', marker) < marker_ms then
+  redis.call('SET', marker, '1', 'PX', string.format('%.0f', marker_ms))
 end
 return out
