@@ -145,7 +145,7 @@ async def counted(redis_url: str, decisions: Path, rcpt: str) -> tuple[int, set[
         total = 0
         for campaign in campaigns:
             log = CampaignKeys.of(store, CUSTOMER, campaign).mailbomb_prefix + recipient_key(rcpt)
-            total += int(await store._redis.zcard(log))
+            total += int(await store.command("count", "ZCARD", log))
     finally:
         await store.close()
     return total, campaigns
