@@ -4,7 +4,7 @@ Responsible for: keeping opt-in records per customer, list and recipient; answer
 ``has_confirmed`` for a whole message's recipients in one round trip (HMGET: it runs at end of
 DATA for bulk mail); importing idempotently and revoking at once, each write a compare-and-set
 Lua script (``lua/optin_write.lua``) so concurrent imports, adds and revocations never lose one
-another's changes; turning every Redis failure into ``StoreError`` (through ``RedisStore._run``:
+another's changes; turning every Redis failure into ``StoreError`` (through ``RedisStore.run``:
 bounded by ``[store] timeout``, password hidden).
 Must never: read a clock (times come in as arguments), decide policy, or let a Redis
 exception escape.
@@ -120,7 +120,7 @@ class OptInStore:
         if batch < 1:
             raise ValueError(f"batch must be positive, not {batch!r}")
         self._store = store
-        self._redis = store._redis
+        self._redis = store.client
         self._retention_ms = str(math.ceil(retention * 1000))
         self._batch = batch
         self._write = store.script(_lua("optin_write"))
@@ -187,7 +187,7 @@ class OptInStore:
     async def lists(self, customer: str) -> list[str]:
         """The customer's list ids, sorted (``""``, the default list, first)."""
         key = self.lists_key(customer)
-        members = await self._store._run("optin lists", lambda: self._redis.smembers(key))
+        members = await self._store.run("optin lists", lambda: self._redis.smembers(key))
         return sorted(_text(m) for m in members)
 
     async def iterate(
@@ -312,17 +312,17 @@ class OptInStore:
         args: list[str | bytes] = [list_id, self._retention_ms]
         for recipient, expected, record in writes:
             args += [recipient, b"" if expected is None else expected, record.to_json()]
-        result = await self._store._run(operation, lambda: self._write(keys=keys, args=args))
+        result = await self._store.run(operation, lambda: self._write(keys=keys, args=args))
         return [int(n) for n in result]
 
     async def _hmget(self, operation: str, key: str, fields: list[str]) -> list[bytes | None]:
-        result: list[bytes | str | None] = await self._store._run(
+        result: list[bytes | str | None] = await self._store.run(
             operation, _call(self._redis.hmget, key, fields)
         )
         return [_bytes(v) if v is not None else None for v in result]
 
     async def _hscan(self, key: str, cursor: int) -> tuple[int, dict[bytes, bytes]]:
-        cursor, page = await self._store._run(
+        cursor, page = await self._store.run(
             "optin export", _call(self._redis.hscan, key, cursor, count=SCAN_COUNT)
         )
         if not isinstance(page, dict):  # pragma: no cover  (only with no_values=True)

@@ -7,7 +7,7 @@ cluster's founding fingerprint, the documented tie-breaks), run as ONE Lua scrip
 (``lua/cluster_assign.lua``) so that assignment is atomic: two gates that see the first two
 copies of a new campaign at the same moment cannot found two clusters.
 Must never: read a clock (``now`` comes in, and the script never calls TIME), decide policy, or
-let a Redis exception escape (``RedisStore._run`` turns every failure into ``StoreError``).
+let a Redis exception escape (``RedisStore.run`` turns every failure into ``StoreError``).
 
 * **Similarity in Lua.**  The script counts equal lanes exactly as ``sketch.similarity`` does
   (equal 16-bit lanes of two sketches; 128 or 0 for exact digests; 0 across kinds) and compares
@@ -180,7 +180,7 @@ class ClusterStore:
         fails (after a timeout the script may have run; repeating the call returns the same id).
         """
         keys, args = self.script_call(customer, fp, now)
-        raw = await self.store._run("cluster_assign", lambda: self._assign(keys=keys, args=args))
+        raw = await self.store.run("cluster_assign", lambda: self._assign(keys=keys, args=args))
         return decode_id(raw[0])
 
     def script_call(

@@ -3,7 +3,7 @@
 Responsible for: the atomic counters behind the two rules, one Lua script per decision
 (``lua/campaign_reserve.lua``, ``lua/campaign_settle.lua``), their key layout and typed results.
 Must never: decide policy (which action, which reply text, who is excused: the caller says so),
-read a clock (``now`` comes in), or let a Redis exception escape (``RedisStore._run`` turns every
+read a clock (``now`` comes in), or let a Redis exception escape (``RedisStore.run`` turns every
 failure into ``StoreError``).
 
 Semantics (the scripts' headers say the same in Lua terms):
@@ -358,7 +358,7 @@ class CampaignCounter:
         """
         call = _reserve_call(customer, recipients, now, params, excused, reservation_id, monitored)
         script_keys = CampaignKeys.of(self.store, customer, campaign).script_keys(call.unique)
-        raw = await self.store._run(
+        raw = await self.store.run(
             "campaign_reserve", lambda: self._reserve(keys=script_keys, args=call.args)
         )
         return call.result(campaign, raw)
@@ -369,7 +369,7 @@ class CampaignCounter:
         script_keys = keys.script_keys(reservation.recipient_keys)
         args = [_num("now", now), reservation.id, "1" if commit else "0"]
         args += reservation.recipient_keys
-        raw = await self.store._run(
+        raw = await self.store.run(
             "campaign_settle", lambda: self._settle(keys=script_keys, args=args)
         )
         return SettleOutcome(int(raw))
@@ -439,6 +439,6 @@ class CampaignDecider:
         call = _reserve_call(customer, recipients, now, params, excused, reservation_id, monitored)
         keys, assign_args = self.clusters.script_call(customer, fp, now)
         args = [*assign_args, self._campaign_prefix(customer), *call.args]
-        raw = await self.store._run("campaign_decide", lambda: self._decide(keys=keys, args=args))
+        raw = await self.store.run("campaign_decide", lambda: self._decide(keys=keys, args=args))
         campaign = decode_id(raw[0])
         return campaign, call.result(campaign, raw[2])

@@ -123,9 +123,7 @@ class MailbombHolds:
             campaign,
             *(str(int(number)) for _, number in refused),
         ]
-        raw = await self.store._run(
-            "mailbomb_hold", lambda: self._hold(keys=script_keys, args=args)
-        )
+        raw = await self.store.run("mailbomb_hold", lambda: self._hold(keys=script_keys, args=args))
         ends = (float(x) for x in raw)
         return tuple(end if end > 0 else None for end in ends)
 

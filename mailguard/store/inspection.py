@@ -40,7 +40,7 @@ class Inspection:
         """Append one refusal (a JSON object) to the customer's capped log."""
         key = self.store.keys.customer_key(customer, REFUSALS)
         line = json.dumps(entry, ensure_ascii=True, default=str)
-        redis = self.store._redis
+        redis = self.store.client
 
         async def call() -> None:
             async with redis.pipeline(transaction=True) as pipe:
@@ -49,12 +49,12 @@ class Inspection:
                 pipe.pexpire(key, int(REFUSAL_TTL * 1000))
                 await pipe.execute()
 
-        await self.store._run("note_refusal", call)
+        await self.store.run("note_refusal", call)
 
     async def refusals(self, customer: str, limit: int = 20) -> list[dict[str, Any]]:
         key = self.store.keys.customer_key(customer, REFUSALS)
-        raw = await self.store._run(
-            "refusals", lambda: self.store._redis.lrange(key, 0, max(0, limit - 1))
+        raw = await self.store.run(
+            "refusals", lambda: self.store.client.lrange(key, 0, max(0, limit - 1))
         )
         return [json.loads(x) for x in raw]
 
@@ -62,7 +62,7 @@ class Inspection:
         """The customer's campaigns with a committed send within ``window`` before ``now``,
         busiest first."""
         prefix = self.store.keys.customer_key(customer, CAMPAIGN)
-        redis = self.store._redis
+        redis = self.store.client
 
         async def scan() -> list[str]:
             found = []
@@ -71,7 +71,7 @@ class Inspection:
             return found
 
         views = []
-        keys: list[str] = await self.store._run("campaigns", scan)
+        keys: list[str] = await self.store.run("campaigns", scan)
         for key in keys:
             campaign = key[len(prefix) + 1 : -len(":sent")]
             base = key[: -len(":sent")]
@@ -84,7 +84,7 @@ class Inspection:
                     count, last, bulk = await pipe.execute()
                 return count, last, bulk
 
-            count, last, bulk = await self.store._run("campaign", read)
+            count, last, bulk = await self.store.run("campaign", read)
             if not count:
                 continue
             bulk_until = float(bulk) if bulk is not None and float(bulk) > now else None

@@ -193,7 +193,7 @@ class _DirectConnections:
     by ``max_connections``), writes the command packed once by hiredis and reads the reply.
     The connections are redis-py's own (same class and URL options: TLS, unix sockets, AUTH,
     db, client name, connect timeout), made without a socket read/write timeout: every call
-    runs inside ``RedisStore._run``'s ``asyncio.timeout``, and a connection interrupted in the
+    runs inside ``RedisStore.run``'s ``asyncio.timeout``, and a connection interrupted in the
     middle of a call (timeout, cancellation, any error but a Redis error reply) is disconnected
     before it goes back, so no reply can be read by the wrong call.  A connection error is
     retried ``_RETRIES`` times after a few milliseconds on a fresh connection, as redis-py did.
@@ -294,21 +294,22 @@ class RedisStore:
             "client_name": "mailguard",
             "max_connections": max_connections,
         }
-        self._redis: Redis | RedisCluster
+        # redis-py's client, for the modules that issue plain commands; always inside ``run``.
+        self.client: Redis | RedisCluster
         self._direct: _DirectConnections | None = None
         try:
             if parsed.cluster:
                 # No full reinitialization after every 5th MOVED: redis-py does it by aclose(),
                 # which closes connections other tasks are using, and a script already sent on
                 # one runs again on the retry.  A MOVED still updates the slot it names.
-                self._redis = RedisCluster.from_url(parsed.url, reinitialize_steps=0, **options)
+                self.client = RedisCluster.from_url(parsed.url, reinitialize_steps=0, **options)
             else:
-                self._redis = Redis.from_url(parsed.url, **options)
-                pool = self._redis.connection_pool
+                self.client = Redis.from_url(parsed.url, **options)
+                pool = self.client.connection_pool
                 pool.connection_class = fast_packing(pool.connection_class)
                 # redis-py passes unknown URL parameters to the connection class, which would
                 # fail with TypeError on first use: build one (unconnected) now to find out.
-                self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+                self.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
                 self._direct = _DirectConnections(pool, min(0.05, timeout / 10))
         except (ValueError, TypeError, RedisError, RedisClusterException) as exc:
             raise ValueError(f"[store] url {self.url!r}: {exc}") from exc
@@ -322,10 +323,10 @@ class RedisStore:
         store's own connections (``_DirectConnections``).  On Redis Cluster every call is an
         EVAL instead (routed by the first key's slot, no NOSCRIPT round trip).  The
         broken connections once blamed on redis-py's EVALSHA fallback there came from calls
-        routed before the cluster client was initialized; see ``_run``.
+        routed before the cluster client was initialized; see ``run``.
         """
         if self.cluster:
-            redis = self._redis
+            redis = self.client
 
             async def run(keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:
                 return await redis.eval(source, len(keys), *keys, *args)
@@ -346,25 +347,25 @@ class RedisStore:
         connections, on a cluster through redis-py (routed by the keys' slot)."""
         if self._direct is not None:
             direct = self._direct
-            return await self._run(operation, lambda: direct.execute(args))
-        redis = self._redis
-        return await self._run(operation, lambda: redis.execute_command(*args))
+            return await self.run(operation, lambda: direct.execute(args))
+        redis = self.client
+        return await self.run(operation, lambda: redis.execute_command(*args))
 
     def __repr__(self) -> str:
         return f"RedisStore({self.url!r}{', cluster' if self.cluster else ''})"
 
-    async def _run(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+    async def run(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
         """Run one store call bounded by the timeout; every failure becomes ``StoreError``."""
         if self._closed:
             raise StoreError(f"store {self.url}: {operation}: the store is closed")
 
         async def bounded() -> T:
             async with self._slots:
-                if isinstance(self._redis, RedisCluster):
+                if isinstance(self.client, RedisCluster):
                     # redis-py's RedisCluster routes a command issued before its lazy first
                     # initialize() (or after an internal reset) to a random node, which answers
                     # MOVED; so load the slot map first (a no-op once loaded, one load at a time).
-                    await self._redis.initialize()
+                    await self.client.initialize()
                 return await call()
 
         try:
@@ -378,12 +379,12 @@ class RedisStore:
             raise StoreError(f"store {self.url}: {operation} failed: {exc}") from exc
 
     async def ping(self) -> None:
-        await self._run("ping", self._redis.ping)
+        await self.run("ping", self.client.ping)
 
     async def note_auth_failure(self, client: str, now: float, window: float) -> int:
         key = self.keys.auth_failures(client)
         args = [_float_arg("now", now), _window_arg(window), uuid.uuid4().hex]
-        result = await self._run(
+        result = await self.run(
             "note_auth_failure", lambda: self._auth_failure(keys=[key], args=args)
         )
         return int(result)
@@ -391,7 +392,7 @@ class RedisStore:
     async def auth_failures(self, client: str, now: float, window: float) -> int:
         key = self.keys.auth_failures(client)
         args = [_float_arg("now", now), _window_arg(window)]
-        result = await self._run(
+        result = await self.run(
             "auth_failures", lambda: self._auth_failures_count(keys=[key], args=args)
         )
         return int(result)
@@ -404,7 +405,7 @@ class RedisStore:
         try:
             if self._direct is not None:
                 await self._direct.close()
-            await self._redis.aclose()
+            await self.client.aclose()
         finally:
             if self._on_close is not None:
                 await self._on_close()

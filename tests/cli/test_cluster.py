@@ -14,7 +14,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def cluster(*args: str) -> list[tuple[str, str]]:
     res = subprocess.run(
         [sys.executable, "-m", "mailguard", "cluster", *args],
-        capture_output=True, text=True, cwd=ROOT, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
     )
     assert res.returncode == 0, res.stderr
     return [tuple(line.split("\t")) for line in res.stdout.splitlines()]  # type: ignore[misc]
@@ -38,8 +41,14 @@ def test_files_directory_and_mbox(tmp_path: Path) -> None:
     )
     rows = cluster(str(d), str(other), str(mbox))
     names = [name for name, _ in rows]
-    assert names == [str(d / "a.eml"), str(d / "b.eml"), str(d / "c.eml"), str(other),
-                     f"{mbox}:1", f"{mbox}:2"]
+    assert names == [
+        str(d / "a.eml"),
+        str(d / "b.eml"),
+        str(d / "c.eml"),
+        str(other),
+        f"{mbox}:1",
+        f"{mbox}:2",
+    ]
     ids = [cid for _, cid in rows]
     assert ids[0] == ids[1] == ids[4]  # personalised copies, in any MIME shape or file
     assert ids[3] == ids[5]  # the same newsletter issue
@@ -49,7 +58,10 @@ def test_files_directory_and_mbox(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     res = subprocess.run(
         [sys.executable, "-m", "mailguard", "cluster", str(tmp_path / "nope.eml")],
-        capture_output=True, text=True, cwd=ROOT, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
     )
     assert res.returncode == 2
     assert "no such file" in res.stderr and "Traceback" not in res.stderr

@@ -124,7 +124,7 @@ async def test_has_confirmed_batch(optin: OptInStore, redis_store: RedisStore) -
         "user3@example.org",  # repeated
     ]
     calls = 0
-    original = redis_store._run
+    original = redis_store.run
 
     async def counting(*args: object, **kwargs: object) -> object:
         nonlocal calls
@@ -132,7 +132,7 @@ async def test_has_confirmed_batch(optin: OptInStore, redis_store: RedisStore) -
         return await original(*args, **kwargs)  # type: ignore[arg-type]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(redis_store, "_run", counting)
+        patch.setattr(redis_store, "run", counting)
         answer = await optin.has_confirmed("acme", f"Our News <{LIST.upper()}>", asked)
     assert calls == 1  # one round trip for the whole message
     assert answer == [True] * 100 + [False, False, True, True, False, True]

@@ -487,7 +487,7 @@ async def test_concurrent_copies_of_a_new_campaign_get_one_id(redis_url: str, ru
         assert len(set(ids)) == 1
         assert ids[0] in {new_cluster_id(fp, NOW) for fp in fps}
         keys = ClusterKeys.of(stores[0], CUSTOMER)
-        assert await stores[0]._redis.hlen(keys.records) == 1
+        assert await stores[0].client.hlen(keys.records) == 1
     finally:
         for s in stores:
             await s.close()
@@ -531,9 +531,9 @@ async def test_the_script_checks_its_arguments(store: RedisStore) -> None:
     args: list[str | bytes] = [repr(NOW), repr(DAY), fp.to_bytes(), "77"]
     args += [new_cluster_id(fp, NOW), "8", "16", "16"]
     with pytest.raises(StoreError, match="bad KEYS/ARGV"):
-        await store._run("x", lambda: clusters._assign(keys=keys[:2], args=args))
+        await store.run("x", lambda: clusters._assign(keys=keys[:2], args=args))
     with pytest.raises(StoreError, match="bad KEYS/ARGV"):
-        await store._run("x", lambda: clusters._assign(keys=keys, args=[*args[:4], "x", *args[5:]]))
+        await store.run("x", lambda: clusters._assign(keys=keys, args=[*args[:4], "x", *args[5:]]))
 
 
 # -- Redis Cluster ---------------------------------------------------------------------------
@@ -665,11 +665,11 @@ class ClusterMachine(RuleBasedStateMachine):
             assert stored[cid] == (cluster.created, cluster.last_seen, cluster.rep.to_bytes())
 
     async def records(self) -> dict[str, tuple[float, float, bytes]]:
-        return parse_records(await self.store._redis.hgetall(self.keys.records))
+        return parse_records(await self.store.client.hgetall(self.keys.records))
 
     def teardown(self) -> None:
         async def check_and_clean() -> None:
-            client = self.store._redis
+            client = self.store.client
             keys = [key async for key in client.scan_iter(match=f"mg:{{{self.customer}}}:*")]
             for key in keys:
                 assert 0 < await client.pttl(key) <= MODEL_WINDOW * 1000

@@ -700,7 +700,7 @@ class CountingMachine(RuleBasedStateMachine):
             for campaign in ("one", "two"):
                 layout = CampaignKeys.of(self.counter.store, self.customer, campaign)
                 keys += layout.script_keys([recipient_key(r) for r in POOL])
-            client = self.counter.store._redis
+            client = self.counter.store.client
             ttls = [await client.pttl(key) for key in keys]
             await client.delete(*keys)
             assert all(ttl == -2 or 0 < ttl <= MODEL_PARAMS.key_ttl * 1000 for ttl in ttls)

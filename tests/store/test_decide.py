@@ -120,7 +120,7 @@ async def test_the_campaign_keys_are_those_settle_uses(pair: Pair, redis_url: st
     assert result.reservation is not None
     assert result.reservation.campaign == campaign
     keys = CampaignKeys.of(decider.store, CUSTOMER, campaign)
-    client = decider.store._redis
+    client = decider.store.client
     assert await client.exists(keys.resv, keys.held, keys.pend, keys.resx) == 4
     assert await decider.counter.commit(result.reservation, NOW) is SettleOutcome.COMMITTED
     assert await client.exists(keys.sent) == 1
@@ -146,7 +146,7 @@ async def test_errors_of_either_part_become_store_errors(pair: Pair) -> None:
     decider = pair.decider
     campaign, _ = await decider.assign_and_reserve(CUSTOMER, exact(7), ["a@example.org"], NOW)
     keys = CampaignKeys.of(decider.store, CUSTOMER, campaign)
-    await decider.store._redis.set(keys.sent, "not a sorted set")
+    await decider.store.client.set(keys.sent, "not a sorted set")
     with pytest.raises(StoreError, match=r"campaign_decide failed: .*WRONGTYPE"):
         await decider.assign_and_reserve(CUSTOMER, exact(7), ["a@example.org"], NOW + 1)
     with pytest.raises(ValueError, match="one flag per recipient"):
@@ -203,7 +203,7 @@ def test_one_call_equals_two_for_any_sequence(
         one = RedisStore(redis_url, key_prefix="one")
         two = RedisStore(redis_url, key_prefix="two")
         try:
-            await one._redis.flushdb()
+            await one.client.flushdb()
             pair = Pair(one, two)
             now = NOW
             fps = [sketch(1), sketch(1, 30), exact(1), sketch(2)]

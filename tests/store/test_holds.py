@@ -81,7 +81,7 @@ async def test_hold_lasts_at_most_the_configured_time(store: RedisStore) -> None
     # Another sender, or another recipient, has no hold.
     assert await holds.read(cust, "other@acme.example", [VICTIM]) == [None]
     assert await holds.read(cust, SENDER, ["someone@example.org", VICTIM]) == [None, found]
-    ttl = await store._redis.pttl(holds.key(cust, SENDER, VICTIM))
+    ttl = await store.client.pttl(holds.key(cust, SENDER, VICTIM))
     assert 599_000 < ttl <= 600_000
 
 
@@ -181,7 +181,7 @@ async def test_monitored_bulk_is_reserved_and_marks_the_campaign_bulk(
     [late] = result.recipients
     assert late.verdict is Verdict.BULK and late.past and result.reservation is not None
     assert await counter.commit(result.reservation, NOW + 1) is SettleOutcome.COMMITTED
-    raw: Redis = store._redis  # type: ignore[assignment]
+    raw: Redis = store.client  # type: ignore[assignment]
     keys = [k async for k in raw.scan_iter(match=f"*{{{cust}}}*bulk_until")]
     assert len(keys) == 1 and float(await raw.get(keys[0])) == NOW + 1 + DAY
 
@@ -253,7 +253,7 @@ async def test_no_holds_is_remembered_briefly_and_a_local_hold_clears_it(
         assert not there.none_cached(other)
         assert (await there.read(other, SENDER, [VICTIM]))[0] is not None
         # The marker lives as long as the longest hold.
-        ttl = await store._redis.pttl(here.any_key(other))
+        ttl = await store.client.pttl(here.any_key(other))
         assert 599_000 < ttl <= 600_000
     finally:
         await other_store.close()

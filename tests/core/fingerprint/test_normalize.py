@@ -179,7 +179,7 @@ def test_recipient_terms_never_raise(text: str, recipients: list[str]) -> None:
 _MIXED = st.lists(
     st.sampled_from(
         [
-            *"ab Z09_-.!?,:/\t\n\"#",
+            *'ab Z09_-.!?,:/\t\n"#',
             *("\u00e9", "\u65e5\u672c", "\u0434\u0430", "\u03b1", "\u0663", "\u00b2", "\u2460"),
             *("\u2173", "\u0d70", "\u0903", "\u0301", "\u1100\u1161", "\uac00", "\uff76\uff9e"),
             *("\u2028", "\x85", "\x1c", "\u3001", "\u00ab", "\u2603", "\ud800", "\u00df"),
