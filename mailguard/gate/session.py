@@ -32,6 +32,7 @@ from mailguard.core.verdict import Accept, Verdict
 from mailguard.decisionlog import decision_record, ended_at_rcpt, rcpt_finding
 from mailguard.gate.upstream import UpstreamConnection, UpstreamError, UpstreamReply
 from mailguard.store.counting import Reservation
+from mailguard.trace import TRACE_HEADER, trace_value
 
 if TYPE_CHECKING:
     from mailguard.gate.runtime import GateRuntime
@@ -744,7 +745,7 @@ class GateSession(SMTP):
         start = time.perf_counter()
         try:
             async with self._waiting_on_upstream():
-                upstream_reply = await conn.data(self._received_header(tx) + body + b".\r\n")
+                upstream_reply = await conn.data(self._trace_headers(tx) + body + b".\r\n")
         except UpstreamError as exc:
             reply = self._upstream_failed(tx, exc).render()
             tx.upstream_ms += (time.perf_counter() - start) * 1000
@@ -826,7 +827,8 @@ class GateSession(SMTP):
             )
         return None
 
-    def _received_header(self, tx: Transaction) -> bytes:
+    def _trace_headers(self, tx: Transaction) -> bytes:
+        """This hop's ``Received:`` and the ``X-Mailguard`` trace both doors add."""
         session = self.session
         helo = _printable(session.host_name if session and session.host_name else "unknown")
         proto = "ESMTP" if session is not None and session.extended_smtp else "SMTP"
@@ -839,6 +841,7 @@ class GateSession(SMTP):
             f"Received: from {helo} ([{self.client_ip}])\r\n"
             f"\tby {self.hostname} (mailguard) with {proto} id {tx.id}{rcpt};\r\n"
             f"\t{self.runtime.rfc2822_now()}\r\n"
+            f"{TRACE_HEADER}: {trace_value(tx.id, tx.campaign)}\r\n"
         ).encode("utf-8", "replace")
 
     # -- transaction end ---------------------------------------------------------------------

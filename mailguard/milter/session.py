@@ -25,11 +25,11 @@ from mailguard.core.policy import Decision
 from mailguard.core.verdict import Defer, Reject
 from mailguard.decisionlog import decision_record, ended_at_rcpt, rcpt_finding
 from mailguard.milter.runtime import MilterRuntime
+from mailguard.trace import TRACE_HEADER, trace_value
 
 log = logging.getLogger("mailguard.milter")
 
 _MAX_LOGGED_RCPTS = 2000
-TRACE_HEADER = "X-Mailguard"
 
 
 @dataclass(slots=True)
@@ -187,10 +187,7 @@ class MailguardMilter(Milter.Base):  # type: ignore[misc]
             )
             return int(Milter.REJECT if isinstance(verdict, Reject) else Milter.TEMPFAIL)
         try:
-            self.addheader(
-                TRACE_HEADER,
-                f"tx={tx.id} campaign={outcome.campaign or '-'} decision=accept",
-            )
+            self.addheader(TRACE_HEADER, trace_value(tx.id, outcome.campaign))
         except Exception as exc:  # the MTA did not grant ADDHDRS: accept without the header
             log.warning("tx=%s could not add %s: %s", tx.id, TRACE_HEADER, exc)
         self._log(

@@ -38,11 +38,13 @@ async def test_message_reaches_upstream_intact(make_gate: MakeGate, upstream: Re
     assert got.rcpts == ["bob@example.org"]
     received, _, _rest = got.data.partition(b"\r\n\t")
     assert received.startswith(b"Received: from ")
-    # Exactly one header was prepended; everything after it is the client's bytes.
+    # This hop's Received: and the X-Mailguard trace were prepended; the rest is the client's.
     header_end = got.data.index(b"From: Alice")
     assert got.data[header_end:] == MESSAGE
     assert got.data[:header_end].count(b"Received:") == 1
     [line] = gate.decisions()
+    trace = f"X-Mailguard: tx={line['tx']} campaign={line['campaign']} decision=accept\r\n"
+    assert got.data[:header_end].endswith(trace.encode())  # as the milter adds it
     assert line["decision"] == "accept"
     assert line["customer"] == "acme"
     assert line["rcpts"] == [{"rcpt": "bob@example.org", "reply": "250"}]
