@@ -96,7 +96,10 @@ class _SignalWatch:
         while data := os.read(self._read, 64):
             for signum in data:
                 if signum == RELOAD_SIGNAL:
-                    _reload(self.runtime, self.path)
+                    try:
+                        _reload(self.runtime, self.path)
+                    except Exception:  # a bug: keep running, and keep taking signals
+                        log.exception("reload failed, keeping the running config")
                 elif signum in STOP_SIGNALS:
                     log.info("%s: stopping", signal.Signals(signum).name)
                     milter.stop()
