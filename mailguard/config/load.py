@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import sys
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -45,7 +46,14 @@ from mailguard.config.schema import (
 )
 from mailguard.config.units import parse_duration, parse_size, quote
 
-__all__ = ["STATE_DIR_ENV", "ConfigError", "load_config", "parse_config", "reload_config"]
+__all__ = [
+    "STATE_DIR_ENV",
+    "ConfigError",
+    "load_config",
+    "parse_config",
+    "reload_config",
+    "startup_config",
+]
 
 STATE_DIR_ENV: Final = "MAILGUARD_STATE_DIR"
 
@@ -843,6 +851,17 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     if state_dir:
         server = dataclasses.replace(server, state_dir=Path(state_dir))
     return dataclasses.replace(config, server=server, source=path)
+
+
+def startup_config(path: Path) -> Config | None:
+    """``load_config`` for a daemon's start: None, with each error printed to standard error
+    (the caller then exits with status 2)."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return None
 
 
 def reload_config(path: Path, log: logging.Logger) -> Config | None:

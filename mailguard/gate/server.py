@@ -19,7 +19,7 @@ from pathlib import Path
 
 import uvloop
 
-from mailguard.config.load import ConfigError, load_config, reload_config
+from mailguard.config.load import reload_config, startup_config
 from mailguard.config.schema import Config
 from mailguard.decisionlog import DecisionLog
 from mailguard.gate.runtime import GateRuntime
@@ -124,11 +124,8 @@ def _reload(gate: Gate, path: Path) -> None:
 
 def run(path: Path) -> int:
     """Entry point of ``mailguard serve``; returns the process exit status."""
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
+    config = startup_config(path)
+    if config is None:
         return 2
     setup_logging(config.log.level)
     try:

@@ -20,7 +20,7 @@ from pathlib import Path
 import Milter  # type: ignore[import-untyped]
 import milter  # type: ignore[import-not-found]
 
-from mailguard.config.load import ConfigError, load_config, reload_config
+from mailguard.config.load import reload_config, startup_config
 from mailguard.config.schema import Config
 from mailguard.decisionlog import DecisionLog
 from mailguard.logsetup import setup_logging
@@ -57,11 +57,8 @@ def run(
     """Serve until libmilter stops (SIGTERM/SIGINT); exit status 0, or 2 on a config error.
     ``socket_spec`` and ``timeout`` override ``[milter] listen`` and ``timeout``."""
     path = Path(config_path)
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
+    config = startup_config(path)
+    if config is None:
         return 2
     setup_logging(config.log.level)
     socket_spec = socket_spec or config.milter.listen
