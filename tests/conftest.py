@@ -18,11 +18,13 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
+
+from mailguard.store.redis_store import RedisStore
 
 # No per-example deadline: timing is measured in loadtest/, never asserted in tests, and a
 # loaded 2-core CI machine makes store-backed examples slow now and then.
@@ -161,6 +163,16 @@ def free_cluster_port() -> int:
             except OSError:
                 continue
         return port
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[RedisStore]:
+    """A ``RedisStore`` on the session's redis-server (flushed for this test by ``redis_url``)."""
+    opened = RedisStore(redis_url)
+    try:
+        yield opened
+    finally:
+        await opened.close()
 
 
 @pytest.fixture(scope="session")

@@ -71,6 +71,16 @@ class RunningMilter:
         """The decision-log lines of the current test."""
         return self._all()[self.since :]
 
+    def wait_for_decisions(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """The current test's lines once there are ``count``: an abandoned transaction is
+        logged from libmilter's abort/close callback, which may run after miltertest exits."""
+        deadline = time.monotonic() + timeout
+        while len(found := self.decisions()) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(found)} of {count} decision lines: {found}")
+            time.sleep(0.02)
+        return found
+
 
 def milter_config(tmp_path: Path, redis_url: str) -> tuple[Path, Path]:
     """A milter config under ``tmp_path``: (its path, its decision log's path)."""

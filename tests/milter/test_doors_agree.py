@@ -11,7 +11,6 @@ lines share a campaign).
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import pytest
@@ -88,11 +87,7 @@ def through_milter(
     out = miltertest(session(milter.spec, "127.0.0.1", [Tx(SENDER, [r], m) for r, m in txs]))
     if echoed is not None:
         echoed += out
-    for _ in range(500):  # an aborted transaction is logged as libmilter delivers the abort
-        if len(milter.decisions()) >= before + len(txs):
-            break
-        time.sleep(0.01)
-    return milter.decisions()[before:]
+    return milter.wait_for_decisions(before + len(txs))[before:]
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))

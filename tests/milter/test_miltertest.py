@@ -138,7 +138,7 @@ def test_unknown_client_is_refused_relay(milter: RunningMilter, miltertest: RunL
     )
     assert "R rcpt0 replycode" in lines, lines  # setreply 554 5.7.1 + REJECT
     assert not any(x.startswith("R eom") for x in lines)
-    decision = milter.decisions()[-1]
+    [decision] = milter.wait_for_decisions(1)
     assert decision["customer"] is None and decision["decision"] == "aborted"
     assert decision["rcpts"] == [{"rcpt": "user0@example.org", "reply": "554"}]
 
@@ -150,7 +150,7 @@ def test_auth_user_identifies_the_customer(milter: RunningMilter, miltertest: Ru
     lines = miltertest(session(milter.spec, "192.0.2.1", [known, unknown]))
     assert "R rcpt0 continue" in lines and "R rcpt1 replycode" in lines, lines
     assert next(x for x in lines if x.startswith("R eom0 ")).split(" ")[2] == "accept", lines
-    first, second = milter.decisions()[-2:]
+    first, second = milter.wait_for_decisions(2)
     assert (first["customer"], first["auth"], first["decision"]) == ("beta", "beta-relay", "accept")
     # An {auth_authen} that names no configured user falls back to the client address.
     assert (second["customer"], second["auth"], second["decision"]) == (None, "nobody", "aborted")

@@ -42,17 +42,8 @@ def rec(recipient: str = "bob@example.org", **changes: object) -> OptInRecord:
 
 
 @pytest.fixture
-async def redis_store(redis_url: str) -> AsyncIterator[RedisStore]:
-    store = RedisStore(redis_url)
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
-@pytest.fixture
-def optin(redis_store: RedisStore) -> OptInStore:
-    return OptInStore(redis_store)
+def optin(store: RedisStore) -> OptInStore:
+    return OptInStore(store)
 
 
 @pytest.fixture
@@ -95,9 +86,9 @@ async def test_key_layout_and_retention(optin: OptInStore, raw: Redis) -> None:
 
 
 async def test_retention_is_configurable_and_refreshed_on_write(
-    redis_store: RedisStore, raw: Redis
+    store: RedisStore, raw: Redis
 ) -> None:
-    optin = OptInStore(redis_store, retention=3600)
+    optin = OptInStore(store, retention=3600)
     await optin.add(rec())
     key = optin.list_key("acme", "")
     assert 3_590_000 < await raw.pttl(key) <= 3_600_000
@@ -109,7 +100,7 @@ async def test_retention_is_configurable_and_refreshed_on_write(
     assert await raw.pttl(key) <= 1000
 
 
-async def test_has_confirmed_batch(optin: OptInStore, redis_store: RedisStore) -> None:
+async def test_has_confirmed_batch(optin: OptInStore, store: RedisStore) -> None:
     people = [f"user{i}@example.org" for i in range(100)]
     report = await optin.import_records([rec(p, list_id=LIST) for p in people], replace=False)
     assert report.added == 100
@@ -124,7 +115,7 @@ async def test_has_confirmed_batch(optin: OptInStore, redis_store: RedisStore) -
         "user3@example.org",  # repeated
     ]
     calls = 0
-    original = redis_store.run
+    original = store.run
 
     async def counting(*args: object, **kwargs: object) -> object:
         nonlocal calls
@@ -132,7 +123,7 @@ async def test_has_confirmed_batch(optin: OptInStore, redis_store: RedisStore) -
         return await original(*args, **kwargs)  # type: ignore[arg-type]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(redis_store, "run", counting)
+        patch.setattr(store, "run", counting)
         answer = await optin.has_confirmed("acme", f"Our News <{LIST.upper()}>", asked)
     assert calls == 1  # one round trip for the whole message
     assert answer == [True] * 100 + [False, False, True, True, False, True]
@@ -191,8 +182,8 @@ async def test_import_is_idempotent_and_reports(optin: OptInStore, raw: Redis) -
     assert await optin.get("acme", "", "u0@example.org") == changed[0]
 
 
-async def test_import_batches_lists_and_repeats(redis_store: RedisStore) -> None:
-    optin = OptInStore(redis_store, batch=3)
+async def test_import_batches_lists_and_repeats(store: RedisStore) -> None:
+    optin = OptInStore(store, batch=3)
     records = [rec(f"u{i}@example.org", list_id=LIST if i % 2 else "") for i in range(10)]
     # the same recipient twice: applied in order, as two imports would be
     records.append(dataclasses.replace(records[0], evidence="<second@x>"))

@@ -115,15 +115,6 @@ def exact(tag: int) -> Fingerprint:
 
 
 @pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[RedisStore]:
-    opened = RedisStore(redis_url)
-    try:
-        yield opened
-    finally:
-        await opened.close()
-
-
-@pytest.fixture
 async def clusters(store: RedisStore) -> ClusterStore:
     return ClusterStore(store, DAY)
 

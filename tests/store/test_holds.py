@@ -5,7 +5,6 @@ reserved, and counted when committed (monitor counts what was sent)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -25,15 +24,6 @@ CAMPAIGN = "3f9a0c"
 SENDER = "News@Acme.example"
 VICTIM = "victim@example.org"
 PARAMS = CountingParams(bulk_recipients=20, mailbomb_messages=10)
-
-
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[RedisStore]:
-    s = RedisStore(redis_url)
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 def customer() -> str:
