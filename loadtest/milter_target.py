@@ -2,12 +2,16 @@
 
 - ``postfix``: Postfix alone, the ceiling of the MTA on this machine;
 - ``postfix-milter``: Postfix's smtpd asking ``mailguard milter`` about every message;
-- ``gate-postfix``: ``mailguard serve`` (policy on) in front of the same Postfix.
+- ``gate-postfix``: ``mailguard serve`` (policy on) in front of the same Postfix;
+- ``gate-off-postfix``: the same with the policy off: with ``gate-postfix``, what the policy
+  costs when the upstream is a real MTA that queues (issue 4's ratio, next to the one against
+  the null sink).
 
-The last two are the two ways to deploy mailguard in front of one MTA, so their throughputs
-compare like with like (issue 5: the milter should sustain at least 0.8x the gate).  Both get
-the ``gate-enforce`` target's configuration: one customer for 127.0.0.0/8, thresholds raised so
-the one-campaign load is never refused while every rule runs, the embedded Redis.
+``postfix-milter`` and ``gate-postfix`` are the two ways to deploy mailguard in front of one
+MTA, so their throughputs compare like with like (issue 5: the milter should sustain at least
+0.8x the gate).  All get the ``gate-enforce`` target's configuration (``gate-off-postfix``
+with ``mode = "off"``): one customer for 127.0.0.0/8, thresholds raised so the one-campaign
+load is never refused while every rule runs, the embedded Redis.
 
 Postfix accepts into its queue and delivers to the sink afterwards (``queues``): the drivers
 wait for the deliveries before they verify.  CPU figures: the milter's or the gate's process
@@ -37,7 +41,7 @@ LOAD_SETTINGS = {
     "milter_default_action": "tempfail",
     "smtpd_client_connection_count_limit": "0",
 }
-MODES = ("plain", "milter", "milter-unix", "gate")
+MODES = ("plain", "milter", "milter-unix", "gate", "gate-off")
 
 
 class PostfixTarget(TargetProcess):
@@ -77,13 +81,13 @@ class PostfixTarget(TargetProcess):
         config = workdir / "mailguard.toml"
         argv: list[str] = []
         port = self.postfix.port
-        if mode == "gate":
+        if mode in ("gate", "gate-off"):
             port = free_port()
             config.write_text(
                 gate_config(
                     port=port,
                     upstream=("127.0.0.1", self.postfix.port),
-                    mode="enforce",
+                    mode="off" if mode == "gate-off" else "enforce",
                     workdir=workdir,
                     store_url=store_url,
                 )
@@ -127,7 +131,7 @@ class PostfixTarget(TargetProcess):
         except Exception as exc:
             await self.stop()
             raise TargetStartError(f"{self.name}: Postfix did not start: {exc}") from exc
-        if self.mode == "gate":
+        if self.mode in ("gate", "gate-off"):
             await super().start(max(deadline - time.monotonic(), 1.0))  # waits for its 220
 
     async def _start_milter(self, deadline: float) -> None:

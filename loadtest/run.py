@@ -261,6 +261,7 @@ class Driver:
 RATIOS = (
     ("gate-off", "passthrough"),
     ("gate-enforce", "gate-off"),
+    ("gate-postfix", "gate-off-postfix"),
     ("postfix-milter", "gate-postfix"),
     ("postfix-milter", "postfix"),
     ("gate-postfix", "postfix"),

@@ -29,11 +29,12 @@ TARGETS: dict[str, tuple[str, str]] = {
     "gate-enforce": ("gate", "enforce"),
     "gate-monitor": ("gate", "monitor"),
     # loadtest.milter_target: a private Postfix relaying to the sink, alone, asking
-    # ``mailguard milter``, or behind ``mailguard serve`` (both with the policy on)
+    # ``mailguard milter``, or behind ``mailguard serve`` (policy on, or off for gate-off-postfix)
     "postfix": ("postfix", "plain"),
     "postfix-milter": ("postfix", "milter"),
     "postfix-milter-unix": ("postfix", "milter-unix"),
     "gate-postfix": ("postfix", "gate"),
+    "gate-off-postfix": ("postfix", "gate-off"),
 }
 ALIASES = {"gate-on": "gate-enforce", "baseline": "passthrough"}
 DEFAULT_TARGETS = ("passthrough", "gate-off", "gate-enforce")
