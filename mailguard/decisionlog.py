@@ -1,7 +1,8 @@
 """The decision log: one JSON line per SMTP transaction, for admins and their tools.
 
-Responsible for: the line's format and writing it (one ``write`` per line, flushed, so lines
-from concurrent transactions never interleave).  Fields: ``ts`` (ISO 8601 UTC), ``tx``,
+Responsible for: the line's format and writing it (one ``write(2)`` per line on a file opened
+for appending, unbuffered, so lines from concurrent transactions, threads and gate worker
+processes sharing the file never interleave).  Fields: ``ts`` (ISO 8601 UTC), ``tx``,
 ``client``, ``customer``, ``auth``, ``helo``, ``mail_from``, ``rcpts`` (each with its reply
 code), ``size`` (the message's octets as the door received it, without dot-stuffing, RFC 1870),
 ``campaign``, ``decision`` (accept / reject / defer / aborted), ``rule``, ``numbers``,
@@ -67,8 +68,10 @@ class DecisionLog:
 
     def __init__(self, target: str) -> None:
         self.target = target
-        self._stream: IO[str] = (
-            sys.stdout if target == "-" else open(target, "a", encoding="utf-8")  # noqa: SIM115
+        # O_APPEND and no buffer: each line is one write at the end of the file, also when
+        # several gate worker processes append to it.
+        self._stream: IO[bytes] = (
+            sys.stdout.buffer if target == "-" else open(target, "ab", buffering=0)  # noqa: SIM115
         )
         self._lock = threading.Lock()  # the milter writes from libmilter's threads
         self._failed = False
@@ -82,7 +85,7 @@ class DecisionLog:
         )
         try:
             with self._lock:
-                self._stream.write(line + "\n")
+                self._stream.write(line.encode("ascii") + b"\n")
                 self._stream.flush()
             self._failed = False
         except (OSError, ValueError) as exc:
@@ -91,7 +94,7 @@ class DecisionLog:
                 log.error("decision log %s cannot be written: %s", self.target, exc)
 
     def close(self) -> None:
-        if self._stream is not sys.stdout:
+        if self.target != "-":
             self._stream.close()
 
 

@@ -203,6 +203,16 @@ def _choice(*allowed: str, fold: Callable[[str], str] = str) -> Leaf:
     return leaf
 
 
+def _workers(value: object) -> int:
+    """A process count, or "auto" (stored as 0: one per CPU, resolved when the gate starts)."""
+    if value == "auto":
+        return 0
+    if isinstance(value, str):
+        raise ValueError(f'{quote(value)} is not a number of processes: give 1-256 or "auto"')
+    count: int = _integer(1, 256)(value)
+    return count
+
+
 def _path(value: object) -> Path:
     return Path(_string(value))
 
@@ -620,6 +630,7 @@ _SERVER: Final = _Table(
         "proxy_protocol": _leaf(_boolean),
         "proxy_trusted_networks": _array(_leaf(_network)),
         "drain_timeout": _leaf(_duration(allow_minimum=True)),
+        "workers": _leaf(_workers),
     },
     cross=(_tls_pair, _proxy_trust, _per_client_limit),
 )

@@ -57,6 +57,8 @@ class ServerConfig:
     proxy_protocol: bool = False
     proxy_trusted_networks: tuple[IPNetwork, ...] = ()
     drain_timeout: float = 30.0
+    # Gate processes sharing the listeners and the store; 0 means one per CPU ("auto").
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)

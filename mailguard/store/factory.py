@@ -43,6 +43,12 @@ async def open_store(config: StoreConfig, state_dir: Path) -> RedisStore:
         raise
 
 
+def attach_store(config: StoreConfig, url: str | None) -> RedisStore:
+    """The store of a gate worker process: the main process's embedded redis-server at
+    ``url`` (which the worker never stops), or with ``url`` None the configured URL."""
+    return RedisStore(url or config.url, timeout=config.timeout, key_prefix=config.key_prefix)
+
+
 async def open_admin_store(config: StoreConfig, state_dir: Path) -> RedisStore:
     """The store for an admin command run beside a gate.
 

@@ -191,6 +191,8 @@ _GOOD: list[tuple[dict[str, Any], Config]] = [
         {"server": {"max_message_size": 1024, "drain_timeout": "0s"}},
         Config(server=ServerConfig(max_message_size=1024, drain_timeout=0.0)),
     ),
+    ({"server": {"workers": 4}}, Config(server=ServerConfig(workers=4))),
+    ({"server": {"workers": "auto"}}, Config(server=ServerConfig(workers=0))),
     (
         {"server": {"tls_certificate": "/etc/c.pem", "tls_key": "/etc/k.pem"}},
         Config(server=ServerConfig(tls_certificate=Path("/etc/c.pem"), tls_key=Path("/etc/k.pem"))),
@@ -657,6 +659,12 @@ _BAD: list[tuple[dict[str, Any], list[str]]] = [
         {"store": {"url": "redis:///0"}},
         ['store.url: a redis:// URL needs a host, e.g. "redis://127.0.0.1:6379/0"'],
     ),
+    ({"server": {"workers": 0}}, ["server.workers: 0 is out of range 1-256"]),
+    (
+        {"server": {"workers": "many"}},
+        ['server.workers: "many" is not a number of processes: give 1-256 or "auto"'],
+    ),
+    ({"server": {"workers": 1.5}}, ["server.workers: must be an integer, got a float"]),
     (
         {"store": {"key_prefix": "mg{x}"}},
         [
