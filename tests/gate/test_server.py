@@ -44,9 +44,10 @@ class GateProcess:
     log_path: Path
     stderr_path: Path
     fmt: dict[str, object]
+    template: str = CONFIG
 
     def write_config(self, **changes: object) -> None:
-        self.config_path.write_text(CONFIG.format(**{**self.fmt, **changes}))
+        self.config_path.write_text(self.template.format(**{**self.fmt, **changes}))
 
     def decisions(self) -> list[dict[str, object]]:
         if not self.log_path.exists():
@@ -91,8 +92,10 @@ async def start_gate(
     return proc
 
 
-@pytest.fixture
-async def gate_process(tmp_path: Path, upstream: RecordingUpstream) -> AsyncIterator[GateProcess]:
+async def launch_gate(
+    tmp_path: Path, upstream: RecordingUpstream, template: str = CONFIG
+) -> GateProcess:
+    """``mailguard serve`` on ``template`` (formatted like ``CONFIG``), once it greets."""
     port = free_port()
     fmt: dict[str, object] = {
         "port": port,
@@ -102,14 +105,25 @@ async def gate_process(tmp_path: Path, upstream: RecordingUpstream) -> AsyncIter
         "network": "127.0.0.0/8",
     }
     config_path = tmp_path / "mailguard.toml"
-    config_path.write_text(CONFIG.format(**fmt))
+    config_path.write_text(template.format(**fmt))
     stderr_path = tmp_path / "stderr.log"
     proc = await start_gate(config_path, tmp_path / "state", stderr_path, port)
-    gp = GateProcess(proc, port, config_path, tmp_path / "decisions.jsonl", stderr_path, fmt)
+    return GateProcess(
+        proc, port, config_path, tmp_path / "decisions.jsonl", stderr_path, fmt, template
+    )
+
+
+async def stop_gate(gp: GateProcess) -> None:
+    if gp.proc.returncode is None:
+        gp.proc.terminate()
+        await asyncio.wait_for(gp.proc.wait(), 20)
+
+
+@pytest.fixture
+async def gate_process(tmp_path: Path, upstream: RecordingUpstream) -> AsyncIterator[GateProcess]:
+    gp = await launch_gate(tmp_path, upstream)
     yield gp
-    if proc.returncode is None:
-        proc.terminate()
-        await asyncio.wait_for(proc.wait(), 15)
+    await stop_gate(gp)
 
 
 async def send_one(port: int, rcpt: str = "b@example.org") -> str:

@@ -19,7 +19,7 @@ import pytest
 
 from tests.gate.conftest import RecordingUpstream, free_port
 from tests.gate.smtpraw import RawClient
-from tests.gate.test_server import CONFIG, GateProcess, send_one, start_gate
+from tests.gate.test_server import CONFIG, GateProcess, launch_gate, send_one, stop_gate
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,27 +55,10 @@ async def wait_for(predicate, what: str, timeout: float = 10.0) -> None:  # type
 
 @pytest.fixture
 async def gate2(tmp_path: Path, upstream: RecordingUpstream) -> AsyncIterator[GateProcess]:
-    port = free_port()
-    fmt: dict[str, object] = {
-        "port": port,
-        "state": tmp_path / "state",
-        "upstream_port": upstream.port,
-        "log": tmp_path / "decisions.jsonl",
-        "network": "127.0.0.0/8",
-    }
-    config_path = tmp_path / "mailguard.toml"
-    config_path.write_text(WORKERS.format(**fmt))
-    stderr_path = tmp_path / "stderr.log"
-    proc = await start_gate(config_path, tmp_path / "state", stderr_path, port)
-    gp = GateProcess(proc, port, config_path, tmp_path / "decisions.jsonl", stderr_path, fmt)
-    gp.write_config = lambda **changes: config_path.write_text(  # type: ignore[method-assign]
-        WORKERS.format(**{**fmt, **changes})
-    )
+    gp = await launch_gate(tmp_path, upstream, WORKERS)
     await wait_for(lambda: "2 workers ready" in gp.stderr(), "the workers' readiness")
     yield gp
-    if proc.returncode is None:
-        proc.terminate()
-        await asyncio.wait_for(proc.wait(), 20)
+    await stop_gate(gp)
 
 
 async def campaign_message(port: int, n: int) -> str:
@@ -139,9 +122,10 @@ async def test_sighup_reaches_every_worker_and_sigterm_stops_everything(
     gate2.proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(gate2.proc.wait(), 20) == 0, gate2.stderr()
     for child in [*workers, *redis]:
-        assert not Path(f"/proc/{child}").exists() or "zombie" in Path(
-            f"/proc/{child}/status"
-        ).read_text()
+        assert (
+            not Path(f"/proc/{child}").exists()
+            or "zombie" in Path(f"/proc/{child}/status").read_text()
+        )
     with pytest.raises(OSError):
         async with RawClient("127.0.0.1", gate2.port):
             pass
