@@ -130,12 +130,13 @@ def host_cpu() -> tuple[float, float]:
 class CpuSnapshot:
     ticks: int | None
     children: dict[int, tuple[str, int]] = field(default_factory=dict)  # pid -> (comm, ticks)
+    name: str = ""  # the process's comm
 
 
 def cpu_snapshot(pid: int | None) -> CpuSnapshot:
     if pid is None:
         return CpuSnapshot(None)
-    snap = CpuSnapshot(cpu_ticks(pid))
+    snap = CpuSnapshot(cpu_ticks(pid), name=comm(pid))
     for kid in children(pid):
         ticks = cpu_ticks(kid)
         if ticks is not None:
@@ -144,14 +145,22 @@ def cpu_snapshot(pid: int | None) -> CpuSnapshot:
 
 
 def cpu_delta_ms(before: CpuSnapshot, after: CpuSnapshot) -> tuple[float | None, dict[str, float]]:
-    """The process's own CPU ms between two snapshots, and its children's, summed by name."""
+    """The process's own CPU ms between two snapshots, and its children's, summed by name.
+
+    Children with the process's own name are its forked workers (``[server] workers``): their
+    CPU is the process's own.
+    """
     own = None
     if before.ticks is not None and after.ticks is not None:
         own = (after.ticks - before.ticks) * 1000.0 / CLK_TCK
     kids: dict[str, float] = {}
     for pid, (name, ticks) in after.children.items():
         start = before.children.get(pid, (name, 0))[1]
-        kids[name] = kids.get(name, 0.0) + (ticks - start) * 1000.0 / CLK_TCK
+        spent = (ticks - start) * 1000.0 / CLK_TCK
+        if name == after.name and own is not None:
+            own += spent
+        else:
+            kids[name] = kids.get(name, 0.0) + spent
     return own, kids
 
 
