@@ -67,32 +67,46 @@ end
 local REC, SEEN, BUCKETS = KEYS[1], KEYS[2], KEYS[3]
 local px = string.format('%.0f', math.max(1, math.ceil(window * 1000)))
 local NEVER = -math.huge
+-- Formats: the 32 bands' 8 bytes of a sketch; a whole record of each kind (created, last_seen,
+-- rep, band times); buckets of k ids (built as needed).  One struct call per value parsed.
+local BANDS_FMT = string.rep('c8', 32)
+local REC_FMT = {[1] = '>ddc' .. (4 + 2 * LANES) .. string.rep('d', 32), [2] = '>ddc12d'}
+local REC_LEN = {[1] = 16 + 4 + 2 * LANES + 8 * 32, [2] = 16 + 12 + 8}
+local BAND_BYTE = {'\0', '\1', '\2', '\3', '\4', '\5', '\6', '\7', '\8', '\9', '\10', '\11', '\12',
+  '\13', '\14', '\15', '\16', '\17', '\18', '\19', '\20', '\21', '\22', '\23', '\24', '\25', '\26',
+  '\27', '\28', '\29', '\30', '\31'}
 
 -- The bucket fields of a fingerprint's bands (to_bytes() form).
 local function fields_of(f)
   if string.byte(f, 2) == 2 then return {'x' .. string.sub(f, 5, 12)} end
-  local out = {}
-  for j = 0, 31 do out[j + 1] = string.char(j) .. string.sub(f, 5 + 8 * j, 12 + 8 * j) end
+  local out = {struct.unpack(BANDS_FMT, f, 5)}
+  for j = 1, 32 do out[j] = BAND_BYTE[j] .. out[j] end
+  out[33] = nil -- struct.unpack's next position
   return out
 end
 
--- A record: {created, last_seen, rep, times = band times (NEVER where missing)}.
+-- A record: array {created, last_seen, rep, band time 1, ...} with one band time per band of rep
+-- (32 or 1; NEVER where the stored value has none).
 local function parse(value)
-  local created, last_seen = struct.unpack('>dd', value)
-  local rep_len = string.byte(value, 18) == 1 and 4 + 2 * LANES or 12
-  local times = {}
-  for j = 1, rep_len == 12 and 1 or 32 do
-    local at = 17 + rep_len + 8 * (j - 1)
-    times[j] = #value >= at + 7 and struct.unpack('>d', value, at) or NEVER
+  local kind = string.byte(value, 18)
+  local nbands = kind == 1 and 32 or 1
+  if #value == REC_LEN[kind] then
+    local c = {struct.unpack(REC_FMT[kind], value)}
+    c[4 + nbands] = nil -- struct.unpack's next position
+    return c
   end
-  return {created = created, last_seen = last_seen, rep = string.sub(value, 17, 16 + rep_len),
-          times = times}
+  local rep_len = kind == 1 and 4 + 2 * LANES or 12
+  local created, last_seen = struct.unpack('>dd', value)
+  local c = {created, last_seen, string.sub(value, 17, 16 + rep_len)}
+  for j = 1, nbands do
+    local at = 17 + rep_len + 8 * (j - 1)
+    c[3 + j] = #value >= at + 7 and struct.unpack('>d', value, at) or NEVER
+  end
+  return c
 end
 
 local function pack_record(c)
-  local parts = {struct.pack('>dd', c.created, c.last_seen), c.rep}
-  for j = 1, #c.times do parts[j + 2] = struct.pack('>d', c.times[j]) end
-  return table.concat(parts)
+  return struct.pack(REC_FMT[string.byte(c[3], 2) == 1 and 1 or 2], unpack(c))
 end
 
 -- 1. Delete dead clusters, oldest first (a bounded amount of work per call), and their entries.
@@ -112,13 +126,13 @@ if purge > 0 then
     for i = 1, #dead do
       if values[i] then
         local c = parse(values[i])
-        for j, field in ipairs(fields_of(c.rep)) do
+        for j, field in ipairs(fields_of(c[3])) do
           if not drop[field] then
             drop[field], folded[field] = {}, NEVER
             fields[#fields + 1] = field
           end
           drop[field][dead[i]] = true
-          folded[field] = math.max(folded[field], c.times[j])
+          folded[field] = math.max(folded[field], c[3 + j])
         end
       end
     end
@@ -160,81 +174,113 @@ local function id_less(a, b)
   return #a < #b
 end
 
--- 2. The buckets, the records of their ids, which buckets are alive, and the votes.
+-- 2. The buckets, the records of their ids, which buckets are alive, and the votes.  Buckets
+-- with equal stored values (a campaign's copies share most bands) are parsed and counted once.
 local fields = fields_of(fp)
 local nb = #fields
 local raw = redis.call('HMGET', BUCKETS, unpack(fields))
-local parsed = {} -- [j] = {touched = stored time, ids = {...}}
-local all, listed = {}, {}
+local values, bands_of = {}, {} -- distinct bucket values in order; value -> its bands {j, ...}
 for j = 1, nb do
   local value = raw[j]
   if value then
-    local ids = {}
-    for p = 9, #value - ID_LEN + 1, ID_LEN do
-      local id = string.sub(value, p, p + ID_LEN - 1)
-      ids[#ids + 1] = id
-      if not listed[id] then
-        listed[id] = true
-        all[#all + 1] = id
-      end
+    local bands = bands_of[value]
+    if bands then
+      bands[#bands + 1] = j
+    else
+      bands_of[value] = {j}
+      values[#values + 1] = value
     end
-    parsed[j] = {touched = struct.unpack('>d', value), ids = ids}
   end
+end
+local parsed = {} -- value -> {stored time, id, id, ...}
+local all, listed = {}, {}
+for g = 1, #values do
+  local value = values[g]
+  local k = math.floor((#value - 8) / ID_LEN)
+  local bucket = {struct.unpack('>d' .. string.rep('c' .. ID_LEN, k), value)}
+  bucket[k + 2] = nil -- struct.unpack's next position
+  for i = 2, k + 1 do
+    local id = bucket[i]
+    if not listed[id] then
+      listed[id] = true
+      all[#all + 1] = id
+    end
+  end
+  parsed[value] = bucket
 end
 local records = {} -- id -> parsed record
 if #all > 0 then
-  local values = redis.call('HMGET', REC, unpack(all))
+  local rvalues = redis.call('HMGET', REC, unpack(all))
   for i = 1, #all do
-    if values[i] then records[all[i]] = parse(values[i]) end
+    if rvalues[i] then records[all[i]] = parse(rvalues[i]) end
   end
 end
-local buckets = {} -- [j] = {touched = the model's touched, ids = {...}} for alive buckets only
+-- The model's touched of bucket j (holding bucket): its stored time or a later band time.
+local function touched_at(bucket, j)
+  local touched = bucket[1]
+  for i = 2, #bucket do
+    local c = records[bucket[i]]
+    local t = c and c[3 + j]
+    if t and t > touched then touched = t end
+  end
+  return touched
+end
+-- Alive iff now - touched <= window; touched is the largest of the times, so (the subtraction
+-- being monotonic) a bucket whose stored time is alive is alive whatever its band times.
+local alive_of = {} -- value -> its alive bands {j, ...}
 local votes, voted = {}, {}
-for j = 1, nb do
-  local bucket = parsed[j]
-  if bucket then
-    local touched = bucket.touched
-    for _, id in ipairs(bucket.ids) do
-      local c = records[id]
-      if c and c.times[j] and c.times[j] > touched then touched = c.times[j] end
+for g = 1, #values do
+  local value = values[g]
+  local bucket = parsed[value]
+  local alive = bands_of[value]
+  if not (now - bucket[1] <= window) then
+    local bands = alive
+    alive = {}
+    for b = 1, #bands do
+      local j = bands[b]
+      if now - touched_at(bucket, j) <= window then alive[#alive + 1] = j end
     end
-    if now - touched <= window then
-      bucket.touched = touched
-      buckets[j] = bucket
-      for _, id in ipairs(bucket.ids) do
-        if votes[id] then
-          votes[id] = votes[id] + 1
-        else
-          votes[id] = 1
-          voted[#voted + 1] = id
-        end
+  end
+  local n = #alive
+  if n > 0 then
+    alive_of[value] = alive
+    for i = 2, #bucket do
+      local id = bucket[i]
+      local v = votes[id]
+      if v then
+        votes[id] = v + n
+      else
+        votes[id] = n
+        voted[#voted + 1] = id
       end
     end
   end
 end
 
 -- 3. The alive voted clusters.
-local live = {} -- id -> cluster
-local candidates = {}
+local live = {} -- id -> record
+local candidates = {} -- {record, id, votes}
 for i = 1, #voted do
   local id = voted[i]
   local c = records[id]
-  if c and now - c.last_seen <= window then
-    c.id, c.votes = id, votes[id]
+  if c and now - c[2] <= window then
     live[id] = c
-    candidates[#candidates + 1] = c
+    candidates[#candidates + 1] = {c, id, votes[id]}
   end
 end
-table.sort(candidates, function(a, b)
-  if a.votes ~= b.votes then return a.votes > b.votes end
-  if a.created ~= b.created then return a.created < b.created end
-  return id_less(a.id, b.id)
-end)
+if #candidates > 1 then
+  table.sort(candidates, function(a, b)
+    if a[3] ~= b[3] then return a[3] > b[3] end
+    if a[1][1] ~= b[1][1] then return a[1][1] < b[1][1] end
+    return id_less(a[2], b[2])
+  end)
+end
 
 -- 4. Verification against the founders.
 local data = string.sub(fp, 5)
 local fp_bytes = nil
 local function equal_lanes(rep)
+  if rep == fp then return LANES end
   if string.byte(rep, 2) ~= kind then return 0 end
   local other = string.sub(rep, 5)
   if other == data then return LANES end
@@ -249,49 +295,59 @@ local function equal_lanes(rep)
 end
 
 -- 5. The best match: most equal lanes, then earliest created, then smallest id.
-local best, best_score = nil, -1
+local best, best_id, best_score = nil, nil, -1
 for i = 1, math.min(max_cand, #candidates) do
-  local c = candidates[i]
-  local score = equal_lanes(c.rep)
+  local c, id = candidates[i][1], candidates[i][2]
+  local score = equal_lanes(c[3])
   if score >= need then
     if best == nil or score > best_score
-        or (score == best_score and (c.created < best.created
-            or (c.created == best.created and id_less(c.id, best.id)))) then
-      best, best_score = c, score
+        or (score == best_score and (c[1] < best[1]
+            or (c[1] == best[1] and id_less(id, best_id)))) then
+      best, best_id, best_score = c, id, score
     end
   end
 end
 
 if best then
-  local w = best.id
-  local changed = now > best.last_seen
+  local w = best_id
+  local changed = now > best[2]
   local set = {}
-  for j = 1, nb do
-    local bucket = buckets[j]
-    if bucket then
-      local ids = bucket.ids
+  for g = 1, #values do
+    local value = values[g]
+    local alive = alive_of[value]
+    if alive then
+      local bucket = parsed[value]
       local at = nil
-      for k = 1, #ids do
-        if ids[k] == w then at = k break end
+      for k = 2, #bucket do
+        if bucket[k] == w then at = k break end
       end
       if at then
-        if not (best.times[j] >= now) then -- NEVER for a record without band times
-          best.times[j] = now
-          changed = true
+        local ids = nil
+        if at > 2 then
+          ids = {w}
+          for k = 2, #bucket do
+            if k ~= at then ids[#ids + 1] = bucket[k] end
+          end
+          ids = table.concat(ids)
         end
-        if at > 1 then
-          table.remove(ids, at)
-          table.insert(ids, 1, w)
-          set[#set + 1] = fields[j]
-          set[#set + 1] = struct.pack('>d', math.max(bucket.touched, now)) .. table.concat(ids)
+        for b = 1, #alive do
+          local j = alive[b]
+          if ids then -- the winner moves to the front (touched from the times before this call)
+            set[#set + 1] = fields[j]
+            set[#set + 1] = struct.pack('>d', math.max(touched_at(bucket, j), now)) .. ids
+          end
+          if not (best[3 + j] >= now) then -- NEVER for a record without band times
+            best[3 + j] = now
+            changed = true
+          end
         end
       end
     end
   end
   if #set > 0 then redis.call('HSET', BUCKETS, unpack(set)) end
   if changed then
-    if now > best.last_seen then
-      best.last_seen = now
+    if now > best[2] then
+      best[2] = now
       redis.call('ZADD', SEEN, now_s, w)
     end
     redis.call('HSET', REC, w, pack_record(best))
@@ -303,20 +359,24 @@ if best then
 end
 
 -- 6. Found a cluster.
-local times = {}
-for j = 1, nb do times[j] = now end
-redis.call('HSET', REC, new_id, pack_record({created = now, last_seen = now, rep = fp,
-                                              times = times}))
+local founded = {now, now, fp}
+for j = 1, nb do founded[3 + j] = now end
+redis.call('HSET', REC, new_id, pack_record(founded))
 redis.call('ZADD', SEEN, now_s, new_id)
 local set = {}
 for j = 1, nb do
-  local bucket = buckets[j]
+  local value = raw[j]
   local kept, touched = {new_id}, now
-  if bucket then
-    touched = math.max(bucket.touched, now)
-    for _, id in ipairs(bucket.ids) do
-      if #kept >= cap then break end
-      if id ~= new_id and live[id] then kept[#kept + 1] = id end
+  if value then
+    local bucket = parsed[value]
+    local t = touched_at(bucket, j)
+    if now - t <= window then -- alive
+      touched = math.max(t, now)
+      for k = 2, #bucket do
+        if #kept >= cap then break end
+        local id = bucket[k]
+        if id ~= new_id and live[id] then kept[#kept + 1] = id end
+      end
     end
   end
   set[#set + 1] = fields[j]
