@@ -13,8 +13,8 @@ main process sends ``READY=1`` again when all have reported, or after ``_RELOAD_
 seconds), and on SIGTERM/SIGINT closes its copies of the listeners, passes SIGTERM on, waits
 for the workers to drain, then stops the embedded redis-server.  A worker that dies is
 restarted (after 1 s, doubling up to ``_MAX_BACKOFF`` while it keeps dying within
-``_STABLE`` seconds); a worker that dies before the first readiness means the gate cannot
-start: the others are stopped and the main process exits 1.
+``_STABLE`` seconds), and so is the embedded redis-server; a worker that dies before the first
+readiness means the gate cannot start: the others are stopped and the main process exits 1.
 Must never: hold policy, speak SMTP, reap a process it did not fork (the embedded
 redis-server is its ``subprocess`` child), or leave a worker behind when it exits.
 """
@@ -133,6 +133,9 @@ class Supervisor:
     embedded: EmbeddedRedis | None = None
     workers: dict[int, _Worker] = field(default_factory=dict)
     _reload_pending: set[int] = field(default_factory=set)
+    _store_failed: bool = False
+    _store_retry_at: float = 0.0
+    _store_backoff: float = 1.0
     _reload_deadline: float = 0.0
     _everyone_ready: bool = False
 
@@ -198,6 +201,7 @@ class Supervisor:
             if status is not None:
                 return status
             self._restart_due()
+            self._watch_store()
             if self._reload_pending and time.monotonic() > self._reload_deadline:
                 log.warning("reload: no report from workers %s", sorted(self._reload_pending))
                 self._reload_pending.clear()
@@ -268,13 +272,29 @@ class Supervisor:
         for worker in self.workers.values():
             if worker.restart_at is not None and now >= worker.restart_at:
                 worker.restart_at = None
-                if self.embedded is not None and not self.embedded.running:
-                    log.error("the embedded redis-server is not running: starting it again")
-                    try:
-                        self.embedded.start_sync()
-                    except StoreError as exc:
-                        log.error("the embedded redis-server did not start: %s", exc)
                 self._spawn(worker)
+
+    def _watch_store(self) -> None:
+        """Start the embedded redis-server again if it died (backoff as for workers)."""
+        if self.embedded is None or time.monotonic() < self._store_retry_at:
+            return
+        try:
+            if self._store_failed:
+                self.embedded.start_sync()
+                log.info("embedded redis-server running again (pid %s)", self.embedded.pid)
+            elif self.embedded.restart_if_dead_sync():
+                log.info("embedded redis-server running again (pid %s)", self.embedded.pid)
+        except StoreError as exc:
+            log.error(
+                "embedded redis-server did not start (next try in %gs): %s",
+                self._store_backoff,
+                exc,
+            )
+            self._store_failed = True
+            self._store_retry_at = time.monotonic() + self._store_backoff
+            self._store_backoff = min(self._store_backoff * 2, _MAX_BACKOFF)
+        else:
+            self._store_failed, self._store_backoff = False, 1.0
 
     def _reload(self) -> None:
         config = reload_config(self.path, log)
@@ -320,8 +340,8 @@ class Supervisor:
         for fd in (report_r, wake_r, wake_w):
             os.close(fd)
         os.environ.pop("NOTIFY_SOCKET", None)  # only the main process talks to systemd
-        # (The embedded redis-server stays the main process's: a worker ends with os._exit,
-        # which runs no finalizer that could stop it.)
+        if self.embedded is not None:  # the main process's child, which it restarts if needed
+            self.embedded.detach()
 
     def _stop_all(self) -> None:
         """SIGTERM every worker, wait for them to drain (SIGKILL after the grace), reap them."""

@@ -15,6 +15,14 @@ Lifetime: on Linux the child gets ``PR_SET_PDEATHSIG`` (SIGTERM), so it dies wit
 started it: call ``start``/``start_sync`` from a thread that lives as long as the process (the
 main thread, or the event loop's thread).  The child runs in its own session, so a terminal's
 Ctrl-C reaches mailguard (which drains, then stops the child) and not the child directly.
+
+A child that dies (killed, out of memory) is started again by ``keep_running`` (a task of the
+owning process's event loop) or ``restart_if_dead_sync`` (the multi-process gate's main
+process), which log why and the log tail; meanwhile every store call fails (``4xx`` to
+clients), and afterwards the append-only file gives back what was written up to about one
+second before the crash (``appendfsync everysec``).  A process forked from the owner (a gate
+worker) calls ``detach`` first: it must not keep the lock's descriptor, or the owner could
+never take the lock again to restart the child.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import asyncio
 import contextlib
 import ctypes
 import fcntl
+import logging
 import os
 import shutil
 import signal
@@ -40,6 +49,11 @@ _PR_SET_PDEATHSIG = 1
 _MAX_UNIX_SOCKET_PATH = 103  # sun_path is 108 bytes on Linux, 104 on the BSDs, NUL included
 _POLL_INTERVAL = 0.01
 _LOG_TAIL_LINES = 20
+
+
+_RESTART_BACKOFF = (1.0, 30.0)  # first and longest wait between restarts of a dying child
+
+log = logging.getLogger("mailguard.store")
 
 
 class EmbeddedRedisError(StoreError):
@@ -312,6 +326,68 @@ class EmbeddedRedis:
         except OSError as exc:
             return f"(no log: {exc.strerror})"
         return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
+
+    # -- keeping it running ----------------------------------------------------------------------
+
+    def detach(self) -> None:
+        """In a process forked from the owner: let go of the inherited lock descriptor and the
+        child (this process never stops, restarts or waits for it)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        self._proc = None
+
+    def _died(self) -> str | None:
+        """Why a started child is no longer running (None while it runs or was never started)."""
+        if self._proc is None:
+            return None
+        status = self._proc.poll()
+        if status is None:
+            return None
+        return f"exited with status {status}" if status >= 0 else f"killed by signal {-status}"
+
+    def restart_if_dead_sync(self) -> bool:
+        """Start the child again if it died; True if it did.  Raises ``EmbeddedRedisError``."""
+        reason = self._died()
+        if reason is None:
+            return False
+        log.error(
+            "embedded redis-server %s; starting it again. Last lines of %s:\n%s",
+            reason,
+            self.log_path,
+            self.log_tail(),
+        )
+        self.start_sync()
+        return True
+
+    async def keep_running(self, interval: float = 1.0) -> None:
+        """Until cancelled: every ``interval`` seconds, start the child again if it died
+        (waiting 1 s, doubling to 30 s, between failed attempts)."""
+        backoff = _RESTART_BACKOFF[0]
+        while True:
+            await asyncio.sleep(interval)
+            reason = self._died()
+            if reason is None:
+                continue
+            log.error(
+                "embedded redis-server %s; starting it again. Last lines of %s:\n%s",
+                reason,
+                self.log_path,
+                self.log_tail(),
+            )
+            while True:
+                try:
+                    await self.start()
+                except EmbeddedRedisError as exc:
+                    log.error(
+                        "embedded redis-server did not start (next try in %gs): %s", backoff, exc
+                    )
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, _RESTART_BACKOFF[1])
+                else:
+                    log.info("embedded redis-server running again (pid %s)", self.pid)
+                    backoff = _RESTART_BACKOFF[0]
+                    break
 
     # -- stop ----------------------------------------------------------------------------------
 

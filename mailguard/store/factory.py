@@ -1,7 +1,8 @@
 """``open_store``: the ``Store`` a ``[store]`` section asks for.
 
 Responsible for: choosing between the embedded redis-server (``url = "embedded"``: a private
-child in ``{state_dir}/redis`` that the returned store owns and stops on ``close()``) and a
+child in ``{state_dir}/redis`` that the returned store owns, starts again if it dies, and stops
+on ``close()``) and a
 Redis server or cluster at a URL (see ``redis_store`` for the URL forms, ``?cluster=1`` included).
 ``open_admin_store`` is the same for admin commands, attaching to a running gate's embedded
 redis-server instead of starting a second one.
@@ -10,6 +11,8 @@ Must never: keep a second reference to the store or the child.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
 
 from mailguard.config.schema import StoreConfig
@@ -31,15 +34,23 @@ async def open_store(config: StoreConfig, state_dir: Path) -> RedisStore:
         return RedisStore(config.url, timeout=config.timeout, key_prefix=config.key_prefix)
     embedded = EmbeddedRedis(state_dir, config.redis_server)
     await embedded.start()
+    watchdog = asyncio.get_running_loop().create_task(embedded.keep_running())
+
+    async def stop() -> None:
+        watchdog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watchdog
+        await embedded.stop()
+
     try:
         return RedisStore(
             embedded.url,
             timeout=config.timeout,
             key_prefix=config.key_prefix,
-            on_close=embedded.stop,
+            on_close=stop,
         )
     except BaseException:
-        await embedded.stop()
+        await stop()
         raise
 
 

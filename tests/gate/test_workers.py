@@ -157,3 +157,21 @@ def test_what_would_stop_every_worker_stops_the_gate_once(tmp_path: Path) -> Non
     assert "missing-dir" in res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "state" / "redis").exists()
+
+
+async def test_the_main_process_starts_a_dead_redis_server_again(gate2: GateProcess) -> None:
+    pid = gate2.proc.pid
+    [redis] = [c for c in children(pid) if "redis-server" in command_of(c)]
+    os.kill(redis, signal.SIGKILL)
+    replies = []
+    for _ in range(100):
+        replies.append(await send_one(gate2.port))
+        if replies[-1].startswith("250") and len(replies) > 1:
+            break
+        await asyncio.sleep(0.1)
+    # Meanwhile refused with the store-failure reply, never accepted unchecked; then served.
+    assert replies[-1].startswith("250"), replies
+    assert all(r.startswith(("250", "451 4.3.0")) for r in replies), replies
+    assert any(r.startswith("451 4.3.0") for r in replies), replies
+    assert [c for c in children(pid) if "redis-server" in command_of(c)] != [redis]
+    assert "embedded redis-server killed by signal 9; starting it again" in gate2.stderr()

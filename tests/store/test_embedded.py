@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import stat
@@ -313,3 +314,79 @@ async def test_paths_with_spaces_and_quotes(tmp_path: Path, binary: str) -> None
     async with EmbeddedRedis(tmp_path / 'a "b" \\c', binary) as server:
         await _set(server.url, "k", "v")
         assert await _get(server.url, "k") == b"v"
+
+
+async def test_open_store_starts_a_dead_child_again(
+    tmp_path: Path, binary: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mailguard.config.schema import StoreConfig
+    from mailguard.store.factory import open_store
+
+    store = await open_store(StoreConfig(url="embedded", redis_server=binary), tmp_path)
+    try:
+        pid_file = tmp_path / "redis" / "redis.pid"
+        first = int(pid_file.read_text())
+        await store.client.set("kept", "yes")
+        time.sleep(1.2)  # appendfsync everysec: on disk before the crash
+        os.kill(first, signal.SIGKILL)
+        for _ in range(100):  # the watchdog looks once a second
+            try:
+                if await store.client.get("kept") == b"yes":
+                    break
+            except Exception:  # down until it is started again
+                pass
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the embedded redis-server was not started again")
+        assert int(pid_file.read_text()) != first
+        assert "embedded redis-server killed by signal 9; starting it again" in caplog.text
+    finally:
+        await store.close()
+    assert not (tmp_path / "redis" / "redis.sock").exists()
+
+
+def test_restart_if_dead_sync(tmp_path: Path, binary: str, cleanup: list[EmbeddedRedis]) -> None:
+    server = EmbeddedRedis(tmp_path, binary)
+    cleanup.append(server)
+    assert not server.restart_if_dead_sync()  # never started: nothing to do
+    server.start_sync()
+    assert not server.restart_if_dead_sync()  # running
+    first = server.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    for _ in range(100):
+        if not server.running:
+            break
+        time.sleep(0.02)
+    assert server.restart_if_dead_sync()
+    assert server.running and server.pid != first
+    assert _gone(first)
+
+
+def test_a_detached_fork_does_not_keep_the_lock(
+    tmp_path: Path, binary: str, cleanup: list[EmbeddedRedis]
+) -> None:
+    """A gate worker forked from the owner drops the lock's descriptor, so the owner can take
+    the lock again to restart a child that died."""
+    server = EmbeddedRedis(tmp_path, binary)
+    cleanup.append(server)
+    server.start_sync()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the "worker": detach, then live on until told
+        server.detach()
+        os.close(write)
+        os.read(read, 1)
+        os._exit(0)
+    os.close(read)
+    try:
+        time.sleep(0.2)
+        first = server.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        while server.running:
+            time.sleep(0.02)
+        assert server.restart_if_dead_sync()  # the lock was free to take again
+    finally:
+        os.close(write)
+        os.waitpid(pid, 0)
