@@ -56,11 +56,16 @@ Semantics (the scripts' headers say the same in Lua terms):
       {prefix}:{{customer}}:cust:camp:{campaign}:sent        ZSET rcpt hash -> last send time
       {prefix}:{{customer}}:cust:camp:{campaign}:held        HASH rcpt hash -> live holds (set)
       {prefix}:{{customer}}:cust:camp:{campaign}:pend        HASH rcpt hash -> live holds (all)
-      {prefix}:{{customer}}:cust:camp:{campaign}:resv        HASH reservation id -> JSON record
+      {prefix}:{{customer}}:cust:camp:{campaign}:resv        HASH reservation id -> record (*)
       {prefix}:{{customer}}:cust:camp:{campaign}:resx        ZSET reservation id -> expiry
       {prefix}:{{customer}}:cust:camp:{campaign}:bulk_until  STRING time the bulk mark ends
       {prefix}:{{customer}}:cust:camp:{campaign}:mb:{hash}   ZSET c:<id> -> commit time
 
+  (*) A struct-packed record (``lua/campaign_reserve.lua``'s header); records written as JSON
+  by earlier versions (and for recipient hashes of unequal length) are read too, so an upgrade
+  in place settles the reservations in flight.  An earlier version's scripts fail on packed
+  records (a decode error), so downgrade only after draining the gates, with no packed record
+  left (settled, or expired and purged; or delete the campaigns' ``camp:*`` keys).
   Every key written gets ``PEXPIRE max(bulk_window, mailbomb_window) + reservation_ttl``.
 * **Cost.**  A reserve reads with a fixed number of commands plus one ``ZCOUNT`` per recipient
   and writes only the campaign's hashes (no per-recipient key); entries that left a window are

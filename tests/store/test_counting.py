@@ -7,6 +7,9 @@ implementation against ``Model``, a plain-Python statement of the same semantics
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
+import struct
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -750,3 +753,174 @@ async def test_cluster_sequential(cluster_url: str) -> None:
         assert allowed == [True] * 20 + [False]
     finally:
         await store.close()
+
+
+# -- Reservation records written before the compact form (an upgrade in place) ----------------
+
+
+def as_json_record(compact: bytes) -> bytes:
+    """The JSON record the scripts wrote before the compact form, for the same reservation."""
+    assert compact[0] == 2
+    expiry, bulk_window, mb_window, length, xlen, n = struct.unpack_from(">dddBBH", compact, 1)
+    at = 1 + struct.calcsize(">dddBBH")
+    ttl_ms = compact[at : at + xlen].decode()
+    at += xlen
+    hashes = [compact[at + i * length : at + (i + 1) * length].decode() for i in range(n)]
+    at += n * length
+    kinds = [1 if c == ord("1") else 0 for c in compact[at : at + n]]
+    at += n
+    result = [int(v) for v in struct.unpack_from(f">{3 + 3 * n}d", compact, at)]
+    record = {
+        "e": f"{expiry:.17g}",
+        "h": hashes,
+        "k": kinds,
+        "w": f"{bulk_window:.17g}",
+        "m": f"{mb_window:.17g}",
+        "x": ttl_ms,
+        "r": result,
+    }
+    return json.dumps(record).encode()
+
+
+async def to_json_records(counter: CampaignCounter, raw: Redis, campaign: str) -> int:
+    """Rewrite every reservation record of ``campaign`` in the JSON form."""
+    keys = CampaignKeys.of(counter.store, CUSTOMER, campaign)
+    records = await raw.hgetall(keys.resv)
+    for rid, value in records.items():
+        await raw.hset(keys.resv, rid, as_json_record(value))
+    return len(records)
+
+
+async def campaign_state(counter: CampaignCounter, raw: Redis, campaign: str) -> dict[str, object]:
+    keys = CampaignKeys.of(counter.store, CUSTOMER, campaign)
+    state: dict[str, object] = {
+        "sent": await raw.zrange(keys.sent, 0, -1, withscores=True),
+        "held": await raw.hgetall(keys.held),
+        "pend": await raw.hgetall(keys.pend),
+        "resx": await raw.zrange(keys.resx, 0, -1, withscores=True),
+        "resv": sorted(await raw.hkeys(keys.resv)),
+        "bulk_until": await raw.get(keys.bulk_until),
+    }
+    for i in range(6):
+        log = keys.mailbomb_prefix + recipient_key(rcpt(i))
+        state[f"mb{i}"] = await raw.zrange(log, 0, -1, withscores=True)
+    return state
+
+
+async def test_reservations_recorded_as_json_are_settled_replayed_and_purged(
+    counter: CampaignCounter, raw: Redis
+) -> None:
+    """Reservations made before the compact record (JSON) count exactly like new ones."""
+    params = CountingParams(bulk_recipients=2, mailbomb_messages=3, reservation_ttl=60.0)
+    outcomes: dict[str, list[object]] = {}
+    for campaign, convert in (("native", False), ("json", True)):
+        seen: list[object] = []
+        rcpts = [rcpt(0), rcpt(1), rcpt(2)]
+        first = await counter.reserve(
+            CUSTOMER,
+            campaign,
+            rcpts,
+            NOW,
+            params=params,
+            excused=[False, False, True],
+            reservation_id="a",
+        )
+        second = await counter.reserve(
+            CUSTOMER,
+            campaign,
+            [rcpt(3)],
+            NOW + 1,
+            params=params,
+            excused=[True],
+            reservation_id="b",
+        )
+        third = await counter.reserve(
+            CUSTOMER,
+            campaign,
+            [rcpt(4), rcpt(0)],
+            NOW + 2,
+            params=params,
+            excused=[True, True],
+            reservation_id="c",
+        )
+        assert first.reservation and second.reservation and third.reservation
+        if convert:
+            assert await to_json_records(counter, raw, campaign) == 3
+        keys = CampaignKeys.of(counter.store, CUSTOMER, campaign)
+        assert (await raw.hget(keys.resv, "a"))[:1] == (b"{" if convert else b"\x02")
+        replay = await counter.reserve(
+            CUSTOMER,
+            campaign,
+            rcpts,
+            NOW + 3,
+            params=params,
+            excused=[False, False, True],
+            reservation_id="a",
+        )
+        assert replay.reservation is not None  # the first answer again, nothing counted twice
+        assert (replay.recipients, replay.distinct, replay.bulk) == (
+            first.recipients,
+            first.distinct,
+            first.bulk,
+        )
+        forged = Reservation(CUSTOMER, campaign, "a", first.reservation.recipient_keys[:2], NOW)
+        with pytest.raises(StoreError, match="recipients do not match"):
+            await counter.commit(forged, NOW + 3)
+        seen.append(await counter.commit(first.reservation, NOW + 3))
+        seen.append(await counter.release(third.reservation, NOW + 4))
+        seen.append(await campaign_state(counter, raw, campaign))
+        # "b" expires unsettled: the next reserve purges it.
+        later = await counter.reserve(
+            CUSTOMER,
+            campaign,
+            [rcpt(5), rcpt(1)],
+            NOW + 70,
+            params=params,
+            excused=[True, False],
+            reservation_id="d",
+        )
+        seen.append(later)
+        seen.append(await campaign_state(counter, raw, campaign))
+        assert later.reservation is not None
+        seen.append(await counter.commit(second.reservation, NOW + 71))
+        seen.append(await counter.commit(later.reservation, NOW + 71))
+        seen.append(await campaign_state(counter, raw, campaign))
+        outcomes[campaign] = [
+            replace_campaign(x, campaign) if isinstance(x, ReserveResult) else x for x in seen
+        ]
+    assert outcomes["json"] == outcomes["native"]
+    assert outcomes["native"][0] == SettleOutcome.COMMITTED
+    assert outcomes["native"][1] == SettleOutcome.RELEASED
+    assert outcomes["native"][5] == SettleOutcome.UNKNOWN  # expired and purged
+
+
+def replace_campaign(result: ReserveResult, campaign: str) -> ReserveResult:
+    """``result`` with its reservation's campaign blanked, to compare two campaigns."""
+    if result.reservation is None:
+        return result
+    return dataclasses.replace(
+        result, reservation=dataclasses.replace(result.reservation, campaign="")
+    )
+
+
+async def test_recipient_hashes_of_different_lengths_are_recorded_as_json(
+    counter: CampaignCounter, raw: Redis
+) -> None:
+    """The compact record needs hashes of one length; others (not from this module) get JSON."""
+    keys = CampaignKeys.of(counter.store, CUSTOMER, CAMPAIGN)
+    hashes = ["h1", "hash-2"]
+    args = [repr(NOW), "r1", "20", repr(DAY), "10", repr(DAY), "900.0", "0"]
+    args += [hashes[0], "0", hashes[1], "0"]
+    raw_result = await counter.store.run(
+        "x", lambda: counter._reserve(keys=keys.script_keys(hashes), args=args)
+    )
+    assert [int(v) for v in raw_result] == [1, 2, 0, 1, 1, 1, 1, 2, 1]
+    assert (await raw.hget(keys.resv, "r1"))[:1] == b"{"
+    replay = await counter.store.run(
+        "x", lambda: counter._reserve(keys=keys.script_keys(hashes), args=args)
+    )
+    assert replay == raw_result
+    reservation = Reservation(CUSTOMER, CAMPAIGN, "r1", tuple(hashes), NOW + 900)
+    assert await counter.commit(reservation, NOW + 1) == SettleOutcome.COMMITTED
+    assert await raw.zrange(keys.sent, 0, -1) == [b"h1", b"hash-2"]
+    assert await raw.exists(keys.held, keys.pend, keys.resv, keys.resx) == 0

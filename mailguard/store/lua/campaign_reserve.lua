@@ -11,10 +11,14 @@
 -- KEYS[2]  hash "held": recipient hash -> number of live reservations holding it in the set.
 -- KEYS[3]  hash "pend": recipient hash -> number of live reservations to it (every recipient of
 --          a reservation, in the set or past the threshold): the mail-bomb rule's holds.
--- KEYS[4]  hash "resv": reservation id -> JSON record {e = expiry (text), h = [hashes],
---          k = [1 counted in the set | 0 past the threshold], w = bulk window (text),
---          m = mail-bomb window (text), x = key ttl in ms (text), r = this script's return
---          value (for replays)}.
+-- KEYS[4]  hash "resv": reservation id -> record of: e = expiry, h = the recipient hashes,
+--          k = per hash 1 counted in the set | 0 past the threshold, w = bulk window,
+--          m = mail-bomb window, x = key ttl in ms (text), r = this script's return value (for
+--          replays).  Written as byte 2, struct '>dddBBH' (e, w, m, hash length L, #x, n), x,
+--          the n hashes concatenated (L bytes each), k as n characters '1' | '0', then r as
+--          struct '>d' each; or, when the hashes differ in length or are more than 255 bytes
+--          or 1000, as the JSON object {e, h, k, w, m, x, r} with e, w, m as text (also the
+--          only form written before; both are read, by this script and campaign_settle.lua).
 -- KEYS[5]  sorted set "resx": reservation id -> expiry time (for lazy purging).
 -- KEYS[6]  string "bulk_until": the campaign is bulk while now < this time (refreshed by commits).
 -- KEYS[6+i] sorted set "mb" of recipient i: the mail-bomb log of this campaign to this recipient,
@@ -96,11 +100,26 @@ local function unhold(hash, h)
   if redis.call('HINCRBY', hash, h, -1) <= 0 then redis.call('HDEL', hash, h) end
 end
 
+-- A reservation record (KEYS[4]): {e, w, m (numbers or text), x, h, k, r} as stored.
+local function decode(rec)
+  if string.byte(rec, 1) ~= 2 then return cjson.decode(rec) end
+  local e, w, m, len, xlen, count, at = struct.unpack('>dddBBH', rec, 2)
+  local r = {e = e, w = w, m = m, x = string.sub(rec, at, at + xlen - 1), h = {}, k = {}}
+  at = at + xlen
+  for i = 1, count do r.h[i] = string.sub(rec, at + (i - 1) * len, at + i * len - 1) end
+  at = at + count * len
+  for i = 1, count do r.k[i] = string.byte(rec, at + i - 1) == 49 and 1 or 0 end
+  at = at + count
+  r.r = {struct.unpack('>' .. string.rep('d', 3 + 3 * count), rec, at)}
+  r.r[4 + 3 * count] = nil -- struct.unpack's next position
+  return r
+end
+
 -- 1. Lazily purge expired reservations: they no longer hold anything.
 for _, rid in ipairs(redis.call('ZRANGEBYSCORE', RESX, '-inf', now_s)) do
   local rec = redis.call('HGET', RESV, rid)
   if rec then
-    local r = cjson.decode(rec)
+    local r = decode(rec)
     for j, h in ipairs(r.h) do
       if r.k[j] == 1 then unhold(HELD, h) end
       unhold(PEND, h)
@@ -112,13 +131,20 @@ end
 
 -- 2. A replay of a call that reserved (a client-side retry): the same answer, nothing new.
 local previous = redis.call('HGET', RESV, id)
-if previous then return cjson.decode(previous).r end
+if previous then return decode(previous).r end
 
 -- 3. The bulk set as it stands: sends in the window, plus held recipients without one.
 local bulk_cutoff = now - bulk_window
-local set_size = redis.call('ZCOUNT', SENT, '(' .. fmt(bulk_cutoff), '+inf')
-local held_keys = redis.call('HKEYS', HELD)
-if #held_keys > 0 then
+local bulk_from = '(' .. fmt(bulk_cutoff)
+local set_size = redis.call('ZCOUNT', SENT, bulk_from, '+inf')
+local held_all = redis.call('HGETALL', HELD) -- {hash, count, ...}
+local held_count = {}
+if #held_all > 0 then
+  local held_keys = {}
+  for j = 1, #held_all, 2 do
+    held_keys[#held_keys + 1] = held_all[j]
+    held_count[held_all[j]] = held_all[j + 1]
+  end
   local scores = call_list('ZMSCORE', SENT, held_keys)
   for j = 1, #held_keys do
     local s = scores[j] and tonumber(scores[j])
@@ -128,7 +154,8 @@ end
 local bulk_until = tonumber(redis.call('GET', BULK) or '')
 local marked_bulk = bulk_until ~= nil and now < bulk_until
 
--- 4. Decide every recipient.
+-- 4. Decide every recipient.  result: {reserved, distinct, bulk, then code, number, count per
+-- recipient}; kinds[i]: 1 if recipient i is (or joins) the set, 0 if past the threshold.
 local hashes = {}
 local seen_in_call = {}
 for i = 1, n do
@@ -140,17 +167,16 @@ for i = 1, n do
   hashes[i] = h
 end
 local sent_scores = call_list('ZMSCORE', SENT, hashes)
-local held = call_list('HMGET', HELD, hashes)
 local pend = call_list('HMGET', PEND, hashes)
-local mb_from = '(' .. fmt(now - mb_window)
+local mb_from = mb_window == bulk_window and bulk_from or '(' .. fmt(now - mb_window)
 local new, past = 0, 0
 local reservable = true
-local kinds, numbers, codes, counts = {}, {}, {}, {}
+local kinds = {}
+local result = {0, 0, 0}
 for i = 1, n do
-  local h = hashes[i]
   local code, number
   local s = sent_scores[i] and tonumber(sent_scores[i])
-  if (s and s > bulk_cutoff) or held[i] then
+  if (s and s > bulk_cutoff) or held_count[hashes[i]] then
     code, number, kinds[i] = SEEN, 0, 1
   elseif not marked_bulk and set_size + new < bulk_max then
     new = new + 1
@@ -172,17 +198,12 @@ for i = 1, n do
     code = REFUSED_MAILBOMB
     if not monitor_mailbomb then reservable = false end
   end
-  codes[i], numbers[i], counts[i] = code, number, count
+  result[3 * i + 1], result[3 * i + 2], result[3 * i + 3] = code, number, count
 end
 
 local distinct = set_size + new
 if past > 0 then distinct = math.max(distinct, bulk_max) + past end
-local result = {reservable and 1 or 0, distinct, (marked_bulk or past > 0) and 1 or 0}
-for i = 1, n do
-  result[#result + 1] = codes[i]
-  result[#result + 1] = numbers[i]
-  result[#result + 1] = counts[i]
-end
+result[1], result[2], result[3] = reservable and 1 or 0, distinct, (marked_bulk or past > 0) and 1 or 0
 if not reservable then return result end
 
 -- 5. Reserve: the holds (one HSET per hash), the record and its expiry.
@@ -190,7 +211,7 @@ local held_set, pend_set = {}, {}
 for i = 1, n do
   if kinds[i] == 1 then
     held_set[#held_set + 1] = hashes[i]
-    held_set[#held_set + 1] = (tonumber(held[i]) or 0) + 1
+    held_set[#held_set + 1] = (tonumber(held_count[hashes[i]]) or 0) + 1
   end
   pend_set[#pend_set + 1] = hashes[i]
   pend_set[#pend_set + 1] = (tonumber(pend[i]) or 0) + 1
@@ -201,11 +222,28 @@ end
 for first = 1, #pend_set, CHUNK do
   redis.call('HSET', PEND, unpack(pend_set, first, math.min(#pend_set, first + CHUNK - 1)))
 end
-local expiry_s = fmt(now + ttl)
-redis.call('HSET', RESV, id, cjson.encode({
-  e = expiry_s, h = hashes, k = kinds, w = fmt(bulk_window), m = fmt(mb_window), x = key_ttl_ms,
-  r = result}))
+local expiry = now + ttl
+local expiry_s = fmt(expiry)
+local len = #hashes[1]
+local compact = len <= 255 and n <= 1000
+for i = 2, n do
+  if #hashes[i] ~= len then compact = false break end
+end
+local record
+if compact then
+  local ks = {}
+  for i = 1, n do ks[i] = kinds[i] == 1 and '1' or '0' end
+  record = '\2' .. struct.pack('>dddBBH', expiry, bulk_window, mb_window, len, #key_ttl_ms, n)
+      .. key_ttl_ms .. table.concat(hashes) .. table.concat(ks)
+      .. struct.pack('>' .. string.rep('d', #result), unpack(result))
+else
+  record = cjson.encode({e = expiry_s, h = hashes, k = kinds, w = fmt(bulk_window),
+                         m = fmt(mb_window), x = key_ttl_ms, r = result})
+end
+redis.call('HSET', RESV, id, record)
 redis.call('ZADD', RESX, expiry_s, id)
 if #held_set > 0 then redis.call('PEXPIRE', HELD, key_ttl_ms) end
-for _, key in ipairs({PEND, RESV, RESX}) do redis.call('PEXPIRE', key, key_ttl_ms) end
+redis.call('PEXPIRE', PEND, key_ttl_ms)
+redis.call('PEXPIRE', RESV, key_ttl_ms)
+redis.call('PEXPIRE', RESX, key_ttl_ms)
 return result

@@ -35,12 +35,34 @@ local function fmt(x) return string.format('%.17g', x) end
 
 local rec = redis.call('HGET', RESV, id)
 if not rec then return UNKNOWN end
-local r = cjson.decode(rec)
-if #r.h ~= n then return redis.error_reply('campaign_settle: recipients do not match') end
-for i = 1, n do
-  if r.h[i] ~= ARGV[3 + i] then
+-- The record (campaign_reserve.lua's header): compact (byte 2) or JSON.  hashes: the record's
+-- recipient hashes, checked against ARGV; k[i]: 1 if recipient i is counted in the set.
+local r, hashes, k
+if string.byte(rec, 1) == 2 then
+  local e, w, m, len, xlen, count, at = struct.unpack('>dddBBH', rec, 2)
+  if count ~= n then return redis.error_reply('campaign_settle: recipients do not match') end
+  hashes = {unpack(ARGV, 4, 3 + n)}
+  at = at + xlen
+  for i = 1, n do
+    if #hashes[i] ~= len then
+      return redis.error_reply('campaign_settle: recipients do not match')
+    end
+  end
+  if string.sub(rec, at, at + n * len - 1) ~= table.concat(hashes) then
     return redis.error_reply('campaign_settle: recipients do not match')
   end
+  k = {string.byte(rec, at + n * len, at + n * len + n - 1)}
+  for i = 1, n do k[i] = k[i] == 49 and 1 or 0 end
+  r = {e = e, w = w, m = m, x = string.sub(rec, at - xlen, at - 1)}
+else
+  r = cjson.decode(rec)
+  if #r.h ~= n then return redis.error_reply('campaign_settle: recipients do not match') end
+  for i = 1, n do
+    if r.h[i] ~= ARGV[3 + i] then
+      return redis.error_reply('campaign_settle: recipients do not match')
+    end
+  end
+  hashes, k = r.h, r.k
 end
 
 -- Remove the reservation and its holds (one HMGET and at most one HSET and HDEL per hash).
@@ -75,15 +97,17 @@ local function unhold(hash, hashes)
 end
 local counted = {}
 for i = 1, n do
-  if r.k[i] == 1 then counted[#counted + 1] = r.h[i] end
+  if k[i] == 1 then counted[#counted + 1] = hashes[i] end
 end
 unhold(HELD, counted)
-unhold(PEND, r.h)
+unhold(PEND, hashes)
 if not (now < tonumber(r.e)) then return EXPIRED end
 if not commit then return RELEASED end
 
 local key_ttl_ms = r.x
 local past = #counted < n
+local bulk_window = tonumber(r.w)
+local bulk_cutoff = nil
 if #counted > 0 then
   local pairs_ = {}
   for _, h in ipairs(counted) do
@@ -93,10 +117,12 @@ if #counted > 0 then
   for first = 1, #pairs_, CHUNK do
     redis.call('ZADD', SENT, 'GT', unpack(pairs_, first, math.min(#pairs_, first + CHUNK - 1)))
   end
-  redis.call('ZREMRANGEBYSCORE', SENT, '-inf', fmt(now - tonumber(r.w)))
+  bulk_cutoff = fmt(now - bulk_window)
+  redis.call('ZREMRANGEBYSCORE', SENT, '-inf', bulk_cutoff)
   redis.call('PEXPIRE', SENT, key_ttl_ms)
 end
-local mb_cutoff = fmt(now - tonumber(r.m or r.w))
+local mb_window = tonumber(r.m or r.w)
+local mb_cutoff = (mb_window == bulk_window and bulk_cutoff) or fmt(now - mb_window)
 local member = 'c:' .. id
 for i = 1, n do
   local log = KEYS[6 + i]
@@ -106,7 +132,7 @@ for i = 1, n do
 end
 local bulk_until = tonumber(redis.call('GET', BULK) or '')
 if past or (bulk_until ~= nil and now < bulk_until) then
-  local new_until = now + tonumber(r.w)
+  local new_until = now + bulk_window
   if bulk_until == nil or new_until > bulk_until then
     redis.call('SET', BULK, fmt(new_until), 'PX', key_ttl_ms)
   else
