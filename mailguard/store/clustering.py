@@ -41,7 +41,10 @@ let a Redis exception escape (``RedisStore.run`` turns every failure into ``Stor
   that joins a cluster rewrites the cluster's record and no bucket (unless the winner has to
   move to the front of one); the script's header shows why this equals ``ClusterIndex``.  A
   cluster costs one record (~530 bytes) and up to 32 bucket entries (fields of one hash, deleted
-  with the cluster when it is purged).
+  with the cluster when it is purged).  The script keeps ``bk`` a hash table, not a listpack
+  (which Redis uses for up to ``hash-max-listpack-entries`` fields, 16 clusters by default):
+  reading 32 fields from a listpack scans it once per field, ~60k instructions per message for
+  one cluster and ~600k for ten, against ~1k per field in a hash table.
 """
 
 from __future__ import annotations

@@ -710,3 +710,25 @@ async def test_a_match_rewrites_the_record_not_the_buckets(store: RedisStore, ra
     other = band0_sibling([random.Random(7).getrandbits(16) for _ in range(LANES)], 0)
     assert await clusters.assign(CUSTOMER, fp, NOW + 370) == model.assign(fp, NOW + 370) == cid
     assert await clusters.assign(CUSTOMER, other, NOW + 371) == model.assign(other, NOW + 371)
+
+
+async def test_the_buckets_are_made_a_hash_table_with_the_same_contents(
+    store: RedisStore, raw: Redis
+) -> None:
+    """A listpack-encoded bucket hash (a customer with few clusters) is converted to a hash
+    table by the next call, which only changes how Redis stores it: an HMGET of 32 fields scans
+    a listpack field by field."""
+    clusters = ClusterStore(store, DAY)
+    keys = ClusterKeys.of(store, CUSTOMER)
+    fp = copy_fp(CAMPAIGNS[0], 0)
+    cid = await clusters.assign(CUSTOMER, fp, NOW)
+    assert await raw.object("encoding", keys.buckets) in (b"listpack", b"ziplist")
+    buckets = await raw.hgetall(keys.buckets)
+    assert await clusters.assign(CUSTOMER, fp, NOW) == cid
+    assert await raw.object("encoding", keys.buckets) == b"hashtable"
+    assert await raw.hgetall(keys.buckets) == buckets
+    assert 0 < await raw.pttl(keys.buckets) <= DAY * 1000
+    other = copy_fp(CAMPAIGNS[1], 0)
+    assert await clusters.assign(CUSTOMER, other, NOW + 1) != cid
+    assert await raw.hlen(keys.buckets) == 64
+    assert b":" not in await raw.hkeys(keys.buckets)

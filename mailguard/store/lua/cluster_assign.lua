@@ -50,7 +50,9 @@
 --          a bucket left empty is deleted.  On a match: the winner's record (and score if
 --          last_seen grows) if a time of it grows; each bucket whose order changes.  On founding:
 --          the record, its score, every bucket of the fingerprint.  "rec", "seen" and "bk" get
---          PEXPIRE window (rounded up to whole ms) on every call.
+--          PEXPIRE window (rounded up to whole ms) on every call.  A "bk" encoded as a listpack
+--          (few clusters) is first made a hash table: field ':' (never a band field, which has
+--          9 bytes) is set to 256 bytes and deleted again, so its contents are unchanged.
 -- Returns: array {cluster id, 1 if founded by this call else 0}.
 
 local now_s, window_s, fp = ARGV[1], ARGV[2], ARGV[3]
@@ -107,6 +109,16 @@ end
 
 local function pack_record(c)
   return struct.pack(REC_FMT[string.byte(c[3], 2) == 1 and 1 or 2], unpack(c))
+end
+
+-- 0. A small hash is stored as a listpack, where each field of an HMGET is found by a linear
+-- scan (32 fields of up to 512 entries: up to ~1M instructions per call, against ~60k in a hash
+-- table).  So "bk" is converted once to a hash table (it stays one until the server reloads it)
+-- by writing and deleting a field longer than any real one (data unchanged).
+local encoding = redis.call('OBJECT', 'ENCODING', BUCKETS)
+if encoding == 'listpack' or encoding == 'ziplist' then
+  redis.call('HSET', BUCKETS, ':', string.rep('-', 256))
+  redis.call('HDEL', BUCKETS, ':')
 end
 
 -- 1. Delete dead clusters, oldest first (a bounded amount of work per call), and their entries.
