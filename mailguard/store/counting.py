@@ -77,7 +77,8 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
-import uuid
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -223,7 +224,11 @@ class CampaignKeys:
             raise ValueError("campaign id must not be empty")
 
         # The parts are fixed names that need no escaping: escape the variable segments once.
-        base = store.keys.customer_key(customer, CAMPAIGN, campaign) + ":"
+        return cls.under(store.keys.customer_key(customer, CAMPAIGN, campaign) + ":")
+
+    @classmethod
+    def under(cls, base: str) -> CampaignKeys:
+        """The keys under ``base``: a campaign's key name prefix, ending in ``:``."""
         return cls(
             base + "sent",
             base + "held",
@@ -238,6 +243,33 @@ class CampaignKeys:
         """KEYS for both scripts: the six campaign keys, then one log per recipient."""
         fixed = [self.sent, self.held, self.pend, self.resv, self.resx, self.bulk_until]
         return fixed + [self.mailbomb_prefix + k for k in recipient_keys]
+
+
+_PLAIN_ID = re.compile(r"[0-9a-f]{16}")  # a cluster id: no key escaping changes it
+_KEY_CACHE = 4096  # customers whose campaign key prefix is kept
+
+
+class _CampaignPrefixes:
+    """``customer_key(customer, CAMPAIGN) + ":"`` per customer (building it costs ~10 us)."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self._found: dict[str, str] = {}
+
+    def of(self, customer: str) -> str:
+        found = self._found.get(customer)
+        if found is None:
+            found = self.store.keys.customer_key(customer, CAMPAIGN) + ":"
+            if len(self._found) >= _KEY_CACHE:
+                self._found.clear()
+            self._found[customer] = found
+        return found
+
+    def keys(self, customer: str, campaign: str) -> CampaignKeys:
+        """``CampaignKeys.of(store, customer, campaign)``, without escaping a cluster id."""
+        if _PLAIN_ID.fullmatch(campaign):
+            return CampaignKeys.under(self.of(customer) + campaign + ":")
+        return CampaignKeys.of(self.store, customer, campaign)
 
 
 def _num(name: str, value: float) -> str:
@@ -263,19 +295,28 @@ class _ReserveCall:
     def result(self, campaign: str, raw: Sequence[int | bytes]) -> ReserveResult:
         values = [int(v) for v in raw]
         threshold = self.params.bulk_recipients
-        by_key = {
-            rkey: (
-                Verdict(values[3 + 3 * i]),
+        verdicts = _VERDICTS
+        decided = [
+            (
+                verdicts.get(values[3 + 3 * i]) or Verdict(values[3 + 3 * i]),
                 values[4 + 3 * i],
                 values[5 + 3 * i],
                 values[4 + 3 * i] > threshold,
             )
-            for i, rkey in enumerate(self.unique)
-        }
-        results = tuple(
-            RecipientResult(recipient, rkey, *by_key[rkey])
-            for recipient, rkey in zip(self.recipients, self.recipient_keys, strict=True)
-        )
+            for i in range(len(self.unique))
+        ]
+        if len(self.unique) == len(self.recipients):  # no recipient twice: the same order
+            pairs = zip(self.recipients, self.unique, strict=True)
+            results = tuple(
+                RecipientResult(recipient, rkey, *found)
+                for (recipient, rkey), found in zip(pairs, decided, strict=True)
+            )
+        else:
+            by_key = dict(zip(self.unique, decided, strict=True))
+            results = tuple(
+                RecipientResult(recipient, rkey, *by_key[rkey])
+                for recipient, rkey in zip(self.recipients, self.recipient_keys, strict=True)
+            )
         reservation = None
         if values[0] == 1:
             reservation = Reservation(
@@ -286,6 +327,37 @@ class _ReserveCall:
                 float(self.now) + self.params.reservation_ttl,
             )
         return ReserveResult(reservation, results, values[1], values[2] == 1, self.params)
+
+
+_VERDICTS = {int(v): v for v in Verdict}
+
+
+def _new_reservation_id() -> str:
+    """``uuid.uuid4().hex`` (the same random version-4 UUID), without building a ``UUID``."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return raw.hex()
+
+
+_PARAMS_ARGS: dict[CountingParams, tuple[str, ...]] = {}
+
+
+def _params_args(params: CountingParams) -> tuple[str, ...]:
+    """ARGV[3..7] of campaign_reserve.lua for ``params`` (kept: a gate has a few of them)."""
+    found = _PARAMS_ARGS.get(params)
+    if found is None:
+        found = (
+            str(params.bulk_recipients),
+            _num("bulk_window", params.bulk_window),
+            str(params.mailbomb_messages),
+            _num("mailbomb_window", params.mailbomb_window),
+            _num("reservation_ttl", params.reservation_ttl),
+        )
+        if len(_PARAMS_ARGS) >= 256:
+            _PARAMS_ARGS.clear()
+        _PARAMS_ARGS[params] = found
+    return found
 
 
 def _reserve_call(
@@ -306,7 +378,7 @@ def _reserve_call(
     flags = [False] * len(recipients) if excused is None else [bool(e) for e in excused]
     if len(flags) != len(recipients):
         raise ValueError("excused must have one flag per recipient")
-    rid = uuid.uuid4().hex if reservation_id is None else reservation_id
+    rid = _new_reservation_id() if reservation_id is None else reservation_id
     if not rid or len(rid) > MAX_RESERVATION_ID:
         raise ValueError(f"reservation id must be 1..{MAX_RESERVATION_ID} characters")
     if not customer:
@@ -316,16 +388,8 @@ def _reserve_call(
     order: dict[str, bool] = {}
     for rkey, flag in zip(rkeys, flags, strict=True):
         order[rkey] = order.get(rkey, False) or flag
-    args = [
-        _num("now", now),
-        rid,
-        str(params.bulk_recipients),
-        _num("bulk_window", params.bulk_window),
-        str(params.mailbomb_messages),
-        _num("mailbomb_window", params.mailbomb_window),
-        _num("reservation_ttl", params.reservation_ttl),
-        str(int(monitored[0]) + 2 * int(monitored[1])),
-    ]
+    args = [_num("now", now), rid, *_params_args(params)]
+    args.append(str(int(monitored[0]) + 2 * int(monitored[1])))
     for rkey, flag in order.items():
         args += [rkey, "1" if flag else "0"]
     return _ReserveCall(customer, recipients, rkeys, list(order), args, rid, now, params)
@@ -338,6 +402,7 @@ class CampaignCounter:
         self.store = store
         self._reserve = store.script(lua_script("campaign_reserve"))
         self._settle = store.script(lua_script("campaign_settle"))
+        self._prefixes = _CampaignPrefixes(store)
 
     async def reserve(
         self,
@@ -362,7 +427,7 @@ class CampaignCounter:
         ``ValueError`` for bad arguments, ``StoreError`` if the store fails.
         """
         call = _reserve_call(customer, recipients, now, params, excused, reservation_id, monitored)
-        script_keys = CampaignKeys.of(self.store, customer, campaign).script_keys(call.unique)
+        script_keys = self._prefixes.keys(customer, campaign).script_keys(call.unique)
         raw = await self.store.run(
             "campaign_reserve", lambda: self._reserve(keys=script_keys, args=call.args)
         )
@@ -370,7 +435,7 @@ class CampaignCounter:
 
     async def settle(self, reservation: Reservation, *, commit: bool, now: float) -> SettleOutcome:
         """Commit (the upstream accepted) or release (it did not) ``reservation``; idempotent."""
-        keys = CampaignKeys.of(self.store, reservation.customer, reservation.campaign)
+        keys = self._prefixes.keys(reservation.customer, reservation.campaign)
         script_keys = keys.script_keys(reservation.recipient_keys)
         args = [_num("now", now), reservation.id, "1" if commit else "0"]
         args += reservation.recipient_keys
@@ -416,16 +481,7 @@ class CampaignDecider:
         self.counter = counter
         self.store = counter.store
         self._decide = self.store.script(decide_script())
-        self._prefixes: dict[str, str] = {}
-
-    def _campaign_prefix(self, customer: str) -> str:
-        found = self._prefixes.get(customer)
-        if found is None:
-            found = self.store.keys.customer_key(customer, CAMPAIGN) + ":"
-            if len(self._prefixes) >= 4096:
-                self._prefixes.clear()
-            self._prefixes[customer] = found
-        return found
+        self._prefixes = counter._prefixes
 
     async def assign_and_reserve(
         self,
@@ -443,7 +499,7 @@ class CampaignDecider:
         reserving it there (arguments and errors as for the two methods it combines)."""
         call = _reserve_call(customer, recipients, now, params, excused, reservation_id, monitored)
         keys, assign_args = self.clusters.script_call(customer, fp, now)
-        args = [*assign_args, self._campaign_prefix(customer), *call.args]
+        args = [*assign_args, self._prefixes.of(customer), *call.args]
         raw = await self.store.run("campaign_decide", lambda: self._decide(keys=keys, args=args))
         campaign = decode_id(raw[0])
         return campaign, call.result(campaign, raw[2])

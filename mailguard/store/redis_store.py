@@ -359,18 +359,16 @@ class RedisStore:
         if self._closed:
             raise StoreError(f"store {self.url}: {operation}: the store is closed")
 
-        async def bounded() -> T:
-            async with self._slots:
-                if isinstance(self.client, RedisCluster):
-                    # redis-py's RedisCluster routes a command issued before its lazy first
-                    # initialize() (or after an internal reset) to a random node, which answers
-                    # MOVED; so load the slot map first (a no-op once loaded, one load at a time).
-                    await self.client.initialize()
-                return await call()
-
         try:
             async with asyncio.timeout(self.timeout):  # no extra task, unlike wait_for
-                return await bounded()
+                async with self._slots:
+                    if self.cluster:
+                        # redis-py's RedisCluster routes a command issued before its lazy first
+                        # initialize() (or after an internal reset) to a random node, which
+                        # answers MOVED; so load the slot map first (a no-op once loaded, one
+                        # load at a time).
+                        await self.client.initialize()
+                    return await call()
         except (TimeoutError, RedisTimeoutError) as exc:
             raise StoreError(
                 f"store {self.url}: {operation} timed out after {self.timeout:g}s"

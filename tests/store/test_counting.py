@@ -924,3 +924,18 @@ async def test_recipient_hashes_of_different_lengths_are_recorded_as_json(
     assert await counter.commit(reservation, NOW + 1) == SettleOutcome.COMMITTED
     assert await raw.zrange(keys.sent, 0, -1) == [b"h1", b"hash-2"]
     assert await raw.exists(keys.held, keys.pend, keys.resv, keys.resx) == 0
+
+
+async def test_cached_campaign_keys_equal_the_escaped_ones(counter: CampaignCounter) -> None:
+    from mailguard.store.counting import _CampaignPrefixes
+
+    prefixes = _CampaignPrefixes(counter.store)
+    for customer in ("acme", "a:{b}%c d", "é"):
+        for campaign in ("0123456789abcdef", "c:1", "0123456789ABCDEF", "0123456789abcdef0"):
+            expected = CampaignKeys.of(counter.store, customer, campaign)
+            assert prefixes.keys(customer, campaign) == expected
+            assert prefixes.keys(customer, campaign) == expected  # cached
+    with pytest.raises(ValueError, match="campaign"):
+        prefixes.keys("acme", "")
+    with pytest.raises(ValueError, match="customer"):
+        prefixes.keys("", "0123456789abcdef")
