@@ -376,23 +376,29 @@ for j = 1, nb do founded[3 + j] = now end
 redis.call('HSET', REC, new_id, pack_record(founded))
 redis.call('ZADD', SEEN, now_s, new_id)
 local set = {}
+local fresh = nil -- the value of a bucket that was empty or dead: touched now, the new id alone
 for j = 1, nb do
   local value = raw[j]
-  local kept, touched = {new_id}, now
+  local written = nil
   if value then
     local bucket = parsed[value]
     local t = touched_at(bucket, j)
     if now - t <= window then -- alive
-      touched = math.max(t, now)
+      local kept = {new_id}
       for k = 2, #bucket do
         if #kept >= cap then break end
         local id = bucket[k]
         if id ~= new_id and live[id] then kept[#kept + 1] = id end
       end
+      written = struct.pack('>d', math.max(t, now)) .. table.concat(kept)
     end
   end
+  if not written then
+    if not fresh then fresh = struct.pack('>d', now) .. new_id end
+    written = fresh
+  end
   set[#set + 1] = fields[j]
-  set[#set + 1] = struct.pack('>d', touched) .. table.concat(kept)
+  set[#set + 1] = written
 end
 redis.call('HSET', BUCKETS, unpack(set))
 redis.call('PEXPIRE', REC, px)
