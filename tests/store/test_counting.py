@@ -939,3 +939,14 @@ async def test_cached_campaign_keys_equal_the_escaped_ones(counter: CampaignCoun
         prefixes.keys("acme", "")
     with pytest.raises(ValueError, match="customer"):
         prefixes.keys("", "0123456789abcdef")
+
+
+async def test_a_huge_key_ttl_is_recorded_as_json(counter: CampaignCounter, raw: Redis) -> None:
+    """The compact record keeps the key ttl's text in at most 255 bytes; a longer one (absurd
+    windows) falls back to JSON, and the reservation still settles."""
+    params = CountingParams(bulk_window=1e260, mailbomb_window=1.0, reservation_ttl=60.0)
+    keys = CampaignKeys.of(counter.store, CUSTOMER, CAMPAIGN)
+    with pytest.raises(StoreError):  # Redis refuses to set such an expiry
+        await counter.reserve(CUSTOMER, CAMPAIGN, [rcpt(1)], NOW, params=params)
+    record = await raw.hget(keys.resv, next(iter(await raw.hkeys(keys.resv))))
+    assert record[:1] == b"{"

@@ -16,8 +16,8 @@
 --          m = mail-bomb window, x = key ttl in ms (text), r = this script's return value (for
 --          replays).  Written as byte 2, struct '>dddBBH' (e, w, m, hash length L, #x, n), x,
 --          the n hashes concatenated (L bytes each), k as n characters '1' | '0', then r as
---          struct '>d' each; or, when the hashes differ in length or are more than 255 bytes
---          or 1000, as the JSON object {e, h, k, w, m, x, r} with e, w, m as text (also the
+--          struct '>d' each; or, when the hashes differ in length, L or #x is over 255 or n
+--          over 1000, as the JSON object {e, h, k, w, m, x, r} with e, w, m as text (also the
 --          only form written before; both are read, by this script and campaign_settle.lua).
 -- KEYS[5]  sorted set "resx": reservation id -> expiry time (for lazy purging).
 -- KEYS[6]  string "bulk_until": the campaign is bulk while now < this time (refreshed by commits).
@@ -225,7 +225,7 @@ end
 local expiry = now + ttl
 local expiry_s = fmt(expiry)
 local len = #hashes[1]
-local compact = len <= 255 and n <= 1000
+local compact = len <= 255 and n <= 1000 and #key_ttl_ms <= 255
 for i = 2, n do
   if #hashes[i] ~= len then compact = false break end
 end
