@@ -24,10 +24,13 @@ cosmetic tricks give the same tokens.  In order:
 Only the first ``MAX_CHARS`` characters of a text are read.  Text whose characters cannot
 combine with their neighbours (Latin, CJK, most scripts) is cleaned character by character,
 and all text is tokenized with whole-text byte operations (``bytes.translate``, ``replace``,
-``split``), not a Python step per word: text that is ASCII after cleaning by the rules of the
-ASCII path, other text by those of :func:`reference_unicode_words` (the two differ in corner
-cases, pinned by the tests: a sentence end before punctuation, hyphen runs, texts whose only
-digit is 0); the results are the same as the general paths' (the tests check this).
+``split``), not a Python step per word, by the rules of :func:`reference_unicode_words` (the
+tests check that both give the same words, for ASCII and other text).  A sentence ends at
+``.``, ``!`` or ``?`` before white space or the end of the text.  No step looks across a line
+break (a URL, an address, a number or a word never contains white space, a sentence end is
+decided by the character after it, and no character combines with a line break), so a text's
+words are its lines' words one after the other: :func:`body_words` (for fingerprints) computes
+them line by line and caches each line's, as copies of a campaign repeat most of their lines.
 Placeholders cannot collide with words: ``EMAIL`` and ``URL_...`` are upper case, which folded
 text never is, and every other word containing a digit is ``0`` itself.
 Must never: raise on any ``str`` (including lone surrogates), do I/O, or depend on the locale,
@@ -42,7 +45,8 @@ import unicodedata
 from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 from functools import lru_cache
-from itertools import filterfalse
+from itertools import chain, filterfalse, islice
+from operator import itemgetter
 
 NUM = "0"
 EMAIL = "EMAIL"
@@ -56,6 +60,10 @@ MAX_CHARS = 200_000
 MAX_URL_SEGMENTS = 4
 # A URL path segment or host label this long is taken for a token even without digits.
 TOKENISH_LENGTH = 24
+# The words of lines (see body_words) are cached, lines longer than this not.
+MAX_CACHED_LINE = 2000
+_LINES: dict[str, tuple[bytes, tuple[str, ...]]] = {}
+_LINE_CACHE_LIMIT = 1 << 15
 # Parsed URLs are cached (campaigns repeat their links); the cache only saves time.
 _URL_CACHE: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {}
 _URL_CACHE_LIMIT = 1 << 14
@@ -121,8 +129,9 @@ _EMAIL_DOMAIN_RE = re.compile(r"@[\w\-]{1,63}(?:\.[\w\-]{1,63})+")
 _EMAIL_LOCAL_RE = re.compile(r"[\w.+\-]{1,64}\Z")
 _LOOSE_EMAIL_RE = re.compile(r"([^\s<>@\"',;:()]{1,64})@[^\s<>@\"',;:()]+")
 _DIGIT_RE = re.compile(r"\d")
-# A sentence ends at ".", "!" or "?" followed by white space (not in "os.path" or "e.g").
-_SENTENCE_END_RE = re.compile(r"[.!?](?=\s)")
+# A sentence ends at ".", "!" or "?" followed by white space or the end of the text (not in
+# "os.path" or "e.g").
+_SENTENCE_END_RE = re.compile(r"[.!?](?=\s|\Z)")
 
 _NUM_JOIN_RE = re.compile(r"(\d)[.,:/\-](?=\d)")
 _NONWORD_RE = re.compile(r"\W+")
@@ -130,39 +139,24 @@ _WORD_RE = re.compile(r"\w+")
 _WORD_OR_BREAK_RE = re.compile(r"\w+(?:-\w+)*|\x01")
 _LOCAL_SPLIT_RE = re.compile(r"[._+\-=\d]+")
 
-_B_DIGIT_RE = re.compile(rb"\d")
-_B_WORD = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 _B_DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= c <= 0x39 else c for c in range(256))
 # In the all-digits-are-0 copy: a separator between two digits goes (``1.5``, ``12:30``).
 _B_ZERO_JOINT_RE = re.compile(rb"0[.,:/\-](?=0)")
 # From a word's first 0 to its end; run forwards, then on the reversed bytes, it leaves "0"
 # of every word with a digit.  Both start with a literal, which the engine finds fast.
 _B_ZERO_TAIL_RE = re.compile(rb"0[^ ]+")
-_B_URL_PREFIX = URL_PREFIX.encode()
 _SENTENCE_MARK = 0x03  # ".", "!", "?" become this in translate; before a space, a BREAK
+_B_WORD = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+# Marks used inside :func:`_line_values`' batches (never words; removed from input text first):
+# the end of a line, and where a URL stood.
+_LINE_MARK = "\x04"
+_URL_MARK = "\x05"
+_OURS = str.maketrans("\x01\x04\x05", "   ")
 
-
-def _separating_table(breaks: bool, hyphens: bool) -> bytes:
-    """bytes.translate table: ASCII that is not a word character becomes a space, except
-    BREAK (kept), sentence punctuation (with ``breaks``) and the hyphen (with ``hyphens``,
-    as 0x02: a hyphenated code with a digit stays one word)."""
-    table = bytearray(c if c in _B_WORD or c >= 0x80 else 0x20 for c in range(256))
-    table[0x01] = 0x01
-    if breaks:
-        for end in b".!?":
-            table[end] = _SENTENCE_MARK
-    if hyphens:
-        table[ord("-")] = 0x02
-    return bytes(table)
-
-
-_B_SEPARATE = {(b, h): _separating_table(b, h) for b in (False, True) for h in (False, True)}
-
-# Text that is not ASCII after cleaning is tokenized as bytes too (:func:`_mixed_words`), with
-# the rules of the regular expressions of :func:`reference_unicode_words`: each non-ASCII
-# character first becomes itself (a word character), "0" (a digit), " " or "#" (any other
-# separator).  Then a byte is a word byte when it is ASCII alphanumeric, "_" or part of a
-# non-ASCII character.
+# Cleaned text is tokenized as bytes (:func:`_tokenize`), with the rules of the regular
+# expressions of :func:`reference_unicode_words`: each non-ASCII character first becomes itself
+# (a word character), "0" (a digit), " " or "#" (any other separator).  Then a byte is a word
+# byte when it is ASCII alphanumeric, "_" or part of a non-ASCII character.
 _B_WORD_CLASS = rb"0-9A-Za-z_\x80-\xff"
 # A hyphen joins two words into one (a chain is one word) only between word characters.
 # (The pattern starts with its literal, which the engine finds fast, not with the lookbehind.)
@@ -171,11 +165,12 @@ _B_ASCII_SPACE = b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f "  # white space as str.isspac
 
 
 def _mixed_table(breaks: bool) -> bytes:
-    """bytes.translate table for :func:`_mixed_words`: word bytes, BREAK and "-" stay, white
-    space becomes " ", "." "!" "?" become 0x03 with ``breaks``, anything else "#" (which
-    separates words but is not white space, so it does not end a sentence)."""
+    """bytes.translate table for :func:`_tokenize`: word bytes, BREAK, "-" and the batch marks
+    stay, white space becomes " ", "." "!" "?" become 0x03 with ``breaks``, anything else "#"
+    (which separates words but is not white space, so it does not end a sentence)."""
     table = bytearray(
-        c if c in _B_WORD or c >= 0x80 or c in (0x01, 0x2D) else 0x23 for c in range(256)
+        c if c in _B_WORD or c >= 0x80 or c in (0x01, 0x04, 0x05, 0x2D) else 0x23
+        for c in range(256)
     )
     for space in _B_ASCII_SPACE:
         table[space] = 0x20
@@ -377,8 +372,11 @@ def url_token(url: str, exclude: AbstractSet[str] = frozenset()) -> str:
     return token
 
 
-def _replace_urls(text: str, exclude: AbstractSet[str], sink: list[str] | None) -> str:
-    """URLs replaced by their tokens, or (with a ``sink``) by spaces and their tokens collected."""
+def _replace_urls(
+    text: str, exclude: AbstractSet[str], sink: list[str] | None, mark: str | None = None
+) -> str:
+    """URLs replaced by their tokens; with a ``sink``, by spaces and their tokens collected;
+    with a ``mark`` too, by `` mark `` and the URLs themselves collected."""
     spans: list[tuple[int, int]] = []
     if "://" in text:
         for match in _AFTER_SCHEME_RE.finditer(text):
@@ -402,12 +400,14 @@ def _replace_urls(text: str, exclude: AbstractSet[str], sink: list[str] | None) 
         if start < done:
             continue
         pieces.append(text[done:start])
-        token = url_token(text[start:end], exclude)
-        if sink is None:
-            pieces.append(f" {token} ")
-        else:
-            sink.append(token)
+        if mark is not None and sink is not None:
+            sink.append(text[start:end])
+            pieces.append(f" {mark} ")
+        elif sink is not None:
+            sink.append(url_token(text[start:end], exclude))
             pieces.append(" ")
+        else:
+            pieces.append(f" {url_token(text[start:end], exclude)} ")
         done = end
     pieces.append(text[done:])
     return "".join(pieces)
@@ -440,43 +440,30 @@ def _special_str(word: str) -> str:
     return word.replace("-", " ")
 
 
+def _prepared(
+    text: str, exclude: AbstractSet[bytes], links: list[str] | None, mark: str | None = None
+) -> str:
+    """Cleaned text with URLs and e-mail addresses replaced (steps 1 and 2)."""
+    text = clean(text)
+    if "://" in text or "www." in text:
+        names = {x.decode("utf-8", "surrogatepass") for x in exclude} if exclude else frozenset()
+        text = _replace_urls(text, names, links, mark)
+    if "@" in text:
+        text = _replace_emails(text)
+    return text
+
+
 def _words(
     text: str, exclude: AbstractSet[bytes], links: list[str] | None, breaks: bool
 ) -> list[bytes]:
     if len(text) > MAX_CHARS:
         text = text[:MAX_CHARS]
-    if "\x01" in text:  # BREAK is ours
-        text = text.replace("\x01", " ")
-    text = clean(text)
-    if "://" in text or "www." in text:
-        names = {x.decode("utf-8", "surrogatepass") for x in exclude} if exclude else frozenset()
-        text = _replace_urls(text, names, links)
-    if "@" in text:
-        text = _replace_emails(text)
-    if not text.isascii():
-        return _mixed_words(text, exclude, breaks)
-    # ASCII: whole-text byte operations (translate, replace, two regex passes with literal
-    # starts) rather than a Python step per word.
-    data = text.encode("ascii")
-    digits = data.translate(_B_DIGITS_AS_ZERO)
-    has_digits = digits != data
-    if has_digits:  # a word with a digit is NUM whatever its digits: work on the 0 copy
-        data = _B_ZERO_JOINT_RE.sub(b"0", digits)
-    spaced = b" " + data.translate(_B_SEPARATE[breaks, has_digits]) + b" "
-    if breaks and b"\x03" in spaced:
-        spaced = spaced.replace(b"\x03 ", b" \x01 ")  # ends a sentence
-        if b"\x03" in spaced:  # inside a word: os.path, e.g
-            spaced = spaced.replace(b"\x03", b" ")
-    if has_digits:
-        spaced = _B_ZERO_TAIL_RE.sub(b"0", spaced)
-        spaced = _B_ZERO_TAIL_RE.sub(b"0", spaced[::-1])[::-1]
-        if b"\x02" in spaced:  # hyphens of words without digits separate after all
-            spaced = spaced.replace(b"\x02", b" ")
-    for name in exclude:  # a few C-speed replaces instead of a test per word
-        needle = b" " + name + b" "
-        while needle in spaced:
-            spaced = spaced.replace(needle, b" ")
-    return spaced.split()
+    if "\x01" in text or "\x04" in text or "\x05" in text:  # ours
+        text = text.translate(_OURS)
+    words = _tokenize(_prepared(text, exclude, links), breaks)
+    if exclude:
+        words = list(filterfalse(exclude.__contains__, words))
+    return words
 
 
 @lru_cache(maxsize=4096)
@@ -491,26 +478,27 @@ def _word_char(char: str) -> str:
     return " " if char.isspace() else "#"
 
 
-def _mixed_words(text: str, exclude: AbstractSet[bytes], breaks: bool) -> list[bytes]:
-    """:func:`reference_unicode_words`, computed with whole-text byte operations.
+def _tokenize(text: str, breaks: bool) -> list[bytes]:
+    """:func:`reference_unicode_words` of cleaned text, computed with whole-text byte operations.
 
     Every digit becomes "0" (a word with a digit is NUM whatever its digits) and every other
     non-ASCII character a word character, white space or "#" (:func:`_word_char`), so that
     the regular expressions' rules can be applied to the UTF-8 bytes.
     """
-    for char in _non_ascii(text):
-        replacement = _word_char(char)
-        if replacement != char:
-            text = text.replace(char, replacement)
+    if not text.isascii():
+        for char in _non_ascii(text):
+            replacement = _word_char(char)
+            if replacement != char:
+                text = text.replace(char, replacement)
     data = text.encode("utf-8")  # no surrogates left: they became "#"
     digits = data.translate(_B_DIGITS_AS_ZERO)
     has_digits = digits != data or b"0" in data
     if has_digits:
         data = _B_ZERO_JOINT_RE.sub(b"0", digits)
-    data = data.translate(_B_MIXED[breaks])
+    data = data.translate(_B_MIXED[breaks]) + b" "  # the end of the text ends a sentence
     if breaks and b"\x03" in data:
         data = data.replace(b"\x03 ", b" \x01 ")  # before white space: ends a sentence
-    spaced = b" " + data.translate(_B_MIXED_SPACES) + b" "
+    spaced = b" " + data.translate(_B_MIXED_SPACES)
     if b"-" in spaced:
         spaced = _B_JOINING_HYPHEN_RE.sub(b"\x02", spaced).replace(b"-", b" ")
     if has_digits:
@@ -518,10 +506,13 @@ def _mixed_words(text: str, exclude: AbstractSet[bytes], breaks: bool) -> list[b
         spaced = _B_ZERO_TAIL_RE.sub(b"0", spaced[::-1])[::-1]
     if b"\x02" in spaced:  # hyphens of words without digits separate after all
         spaced = spaced.replace(b"\x02", b" ")
-    words = spaced.split()
-    if exclude:
-        words = list(filterfalse(exclude.__contains__, words))
-    return words
+    return spaced.split()
+
+
+def _mixed_words(text: str, exclude: AbstractSet[bytes], breaks: bool) -> list[bytes]:
+    """:func:`_tokenize`, then the words in ``exclude`` dropped (for tests)."""
+    words = _tokenize(text, breaks)
+    return list(filterfalse(exclude.__contains__, words)) if exclude else words
 
 
 def reference_unicode_words(
@@ -564,6 +555,69 @@ def words_and_links(
     links: list[str] = []
     words = _words(text, exclude, links, breaks)
     return words, [link.encode("utf-8", "surrogatepass") for link in links]
+
+
+def _line_values(lines: list[str]) -> list[tuple[bytes, tuple[str, ...]]]:
+    """For each line: its words joined by single spaces (``BREAK`` at sentence ends, nothing
+    excluded) and the URLs in it, all lines computed together.
+
+    The lines are joined with ``_LINE_MARK`` on a line of its own between them, which every
+    step leaves in place as a word of its own (white space around it; the tokenizer keeps it),
+    and URLs are replaced by ``_URL_MARK``, so that the result splits back into lines.
+    """
+    urls: list[str] = []
+    batch = "\n\x04\n".join(lines) + "\n"
+    blob = b" ".join(_tokenize(_prepared(batch, frozenset(), urls, _URL_MARK), True))
+    found = iter(urls)
+    out: list[tuple[bytes, tuple[str, ...]]] = []
+    for piece in blob.split(b"\x04"):
+        piece = piece.strip()
+        if b"\x05" in piece:
+            taken = tuple(islice(found, piece.count(b"\x05")))
+            out.append((b" ".join(piece.replace(b"\x05", b" ").split()), taken))
+        else:
+            out.append((piece, ()))
+    return out
+
+
+def body_words(text: str, exclude: AbstractSet[bytes] = frozenset()) -> tuple[bytes, list[bytes]]:
+    """:func:`words_and_links` with ``breaks``, its words as one byte string, computed by line.
+
+    The words are joined by single spaces, with one space before the first and after the last
+    (``b" "`` when there are none).  Every step of normalization stops at the end of a line
+    (a URL, address, number or word never spans white space; sentence ends are decided by
+    the white space after them), so each line's words are computed on their own, before
+    recipient words are removed, and cached: copies of a campaign repeat most of their lines.
+    Lines longer than ``MAX_CACHED_LINE`` characters are not kept.  (The cache only saves
+    time: a line's words depend on nothing else.)
+    """
+    if len(text) > MAX_CHARS:
+        text = text[:MAX_CHARS]
+    if "\x01" in text or "\x04" in text or "\x05" in text:  # ours
+        text = text.translate(_OURS)
+    lines = text.split("\n")
+    cache = _LINES
+    found = list(map(cache.get, lines))
+    if None in found:
+        missing = list(dict.fromkeys(x for x, f in zip(lines, found, strict=True) if f is None))
+        computed = dict(zip(missing, _line_values(missing), strict=True))
+        if len(cache) > _LINE_CACHE_LIMIT:
+            cache.clear()
+        cache.update((x, v) for x, v in computed.items() if len(x) <= MAX_CACHED_LINE)
+        found = [f if f is not None else computed[x] for x, f in zip(lines, found, strict=True)]
+    values: list[tuple[bytes, tuple[str, ...]]] = found  # type: ignore[assignment]  # no None
+    spaced = b" " + b" ".join(filter(None, map(itemgetter(0), values))) + b" "
+    if spaced == b"  ":
+        spaced = b" "
+    for name in exclude:  # a few C-speed replaces instead of a test per word
+        needle = b" " + name + b" "
+        while needle in spaced:
+            spaced = spaced.replace(needle, b" ")
+    urls = list(chain.from_iterable(map(itemgetter(1), values)))
+    if not urls:
+        return spaced, []
+    names = {x.decode("utf-8", "surrogatepass") for x in exclude} if exclude else frozenset()
+    return spaced, [url_token(url, names).encode("utf-8", "surrogatepass") for url in urls]
 
 
 def encode_terms(terms: Iterable[str]) -> frozenset[bytes]:

@@ -109,8 +109,8 @@ def test_bucket_cap_bounds_candidates() -> None:
     # Four clusters that share band 0 only (lanes 4.. differ between them and from BASE).
     ids = [index.assign(sketch(range(4, 128), salt=k), float(k)) for k in range(4)]
     assert len(set(ids)) == 4
-    bucket = index._buckets[band_keys(sketch(range(4, 128), salt=0))[0]]
-    assert bucket.ids == [ids[3], ids[2]]  # most recent first, capped
+    assert index.bucket(band_keys(sketch(range(4, 128), salt=0))[0]) == [ids[3], ids[2]]
+    # (most recent first, capped)
 
 
 @settings(max_examples=100, deadline=None)

@@ -235,23 +235,71 @@ def test_per_character_cleaning_only_when_characters_cannot_combine(text: str) -
     assert clean("abc " + text + " xyz") == reference_clean("abc " + text + " xyz")
 
 
-# Where the ASCII byte path and the regular-expression rules (non-ASCII text) differ: kept as
-# they were, as changing either path changes fingerprints (pinned here so that it is visible).
+# Corner cases where an ASCII-only tokenizer (before fingerprint VERSION 2) differed from the
+# regular expressions; all text now follows the regular expressions.
 @pytest.mark.parametrize(
-    ("text", "ascii_words", "regex_words"),
+    ("text", "words"),
     [
-        ("call now--50 off", [b"call", b"0", b"off"], [b"call", b"now", b"0", b"off"]),
-        ("code a0b", [b"code", b"a0b"], [b"code", b"0"]),  # only zeros: no digit seen
-        ('he said "stop." then', [b"he", b"said", b"stop", b"\x01", b"then"], None),
-        ("the end.", [b"the", b"end", b"\x01"], [b"the", b"end"]),
+        ("call now--50 off", [b"call", b"now", b"0", b"off"]),  # "--" joins nothing
+        ("code a0b", [b"code", b"0"]),  # a word with a digit is NUM, even if it is only 0
+        ('he said "stop." then', [b"he", b"said", b"stop", b"then"]),  # not before space
+        ("the end.", [b"the", b"end", b"\x01"]),  # the end of the text ends a sentence
     ],
 )
-def test_known_differences_of_the_ascii_path(
-    text: str, ascii_words: list[bytes], regex_words: list[bytes] | None
+def test_ascii_corner_cases_follow_the_regular_expressions(text: str, words: list[bytes]) -> None:
+    assert words_and_links(text, breaks=True)[0] == words
+    assert n.reference_unicode_words(text, frozenset(), True) == words
+
+
+_ASCII_TEXT = st.lists(
+    st.sampled_from([*"aZ_09 .!?,:/-#\"'()\t\n\r\x0b\x1c", "--", "..", "1.2", "a0b", ". ", "x-1"]),
+    max_size=40,
+).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_ASCII_TEXT, st.booleans())
+def test_byte_tokenizer_equals_the_regular_expressions_on_ascii_text(
+    text: str, breaks: bool
 ) -> None:
-    assert words_and_links(text, breaks=True)[0] == ascii_words
-    expected = regex_words if regex_words is not None else [b"he", b"said", b"stop", b"then"]
-    assert n.reference_unicode_words(text, frozenset(), True) == expected
+    cleaned = clean(text)
+    assert n._mixed_words(cleaned, frozenset(), breaks) == n.reference_unicode_words(
+        cleaned, frozenset(), breaks
+    )
+
+
+_LINES_TEXT = st.lists(
+    st.one_of(
+        _TRICKY,
+        st.sampled_from(
+            [
+                "Dear John Smith,\n",
+                "Visit https://shop.example/john/offer?u=1. Now!\n",
+                "write to john@example.org or www.example.com/x\n",
+                "12:30, 1.5 kg -- call now--50 off.\n",
+                "\u0413\u0440\u0435\u0446\u0438\u044f, \u00e7a va?\r\n",
+                "\n\n",
+                "e\u0301\u0301 \u1100\u1161\n",
+                "\x01\x04\x05 end.",
+            ]
+        ),
+    ),
+    max_size=8,
+).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_LINES_TEXT, st.booleans())
+def test_body_words_by_line_equal_the_whole_text(text: str, exclude_john: bool) -> None:
+    exclude = frozenset({b"john", b"smith"}) if exclude_john else frozenset()
+    words, links = words_and_links(text, exclude, breaks=True)
+    n._LINES.clear()
+    spaced, line_links = n.body_words(text, exclude)
+    assert spaced == b" " + b" ".join(words) + b" " if words else spaced == b" "
+    assert line_links == links
+    # Cached (the lines of this text, and of another one) gives the same again.
+    n.body_words("unrelated line.\n" + text[::-1], exclude)
+    assert n.body_words(text, exclude) == (spaced, line_links)
 
 
 _ASCII_WORDS = st.lists(
