@@ -764,6 +764,54 @@ class Builder:
                 out.append(Labelled(0, "d", f"d{c:03d}", raw, (to.address,), shape, length, tricks))
         return out
 
+    def part_long(self, n_campaigns: int, n_newsletters: int) -> list[Labelled]:
+        """Texts longer than the fingerprint's text cap (about 40-90 K characters each).
+
+        Campaigns (part a, kind "very-long") of 3-6 personalized copies of 200-400
+        paragraphs, and newsletters (part b, kind "newsletter-long") whose 3 issues share a
+        masthead, intro and footer but differ in 100-200 article paragraphs, each sent to 2-3
+        subscribers.  Without them no benchmark text reaches the cap.
+        """
+        out: list[Labelled] = []
+        for c in range(n_campaigns):
+            tpl = self.campaign_template("long")
+            tpl.blocks = self.draw.paragraphs(self.rng.randint(200, 400))
+            for _ in range(self.rng.randint(3, 6)):
+                to = self.person()
+                body = self.personalized_body(tpl, to, busters=False)
+                shape = self.shape([s for s, _ in SHAPES if not s.startswith("mixed")])
+                raw = self.build(
+                    sender=tpl.sender, to=to, subject=tpl.subject, body=body, shape=shape
+                )
+                out.append(
+                    Labelled(0, "a", f"a-long{c:02d}", raw, (to.address,), shape, "very-long")
+                )
+        for t in range(n_newsletters):
+            brand, domain = self.brand()
+            sender = Person(f"{brand} Digest", f"digest@{domain}")
+            intro = [self.draw.sentence(), self.draw.paragraph()]
+            footer = [f"{brand}, {self.street()}", self.draw.sentence()]
+            subscribers = [self.person() for _ in range(4)]
+            for issue in range(1, 4):
+                blocks = [f"# The {brand} Digest: issue {issue}", *intro]
+                blocks += self.draw.paragraphs(self.rng.randint(100, 200))
+                subject = f"The {brand} Digest #{issue}"
+                for to in self.rng.sample(subscribers, self.rng.randint(2, 3)):
+                    body = Body(
+                        greeting=f"Hello {to.given},",
+                        blocks=blocks,
+                        links=[("Read online", f"https://{domain}/{issue}?r={self.token(12)}")],
+                        footer=footer,
+                        unsubscribe=f"https://{domain}/unsubscribe/{self.token(24)}",
+                    )
+                    shape = self.shape(HTML_SHAPES)
+                    if shape.startswith("mixed"):
+                        shape = "alt/qp"
+                    raw = self.build(sender=sender, to=to, subject=subject, body=body, shape=shape)
+                    camp = f"b-long{t:02d}-{issue}"
+                    out.append(Labelled(0, "b", camp, raw, (to.address,), shape, "newsletter-long"))
+        return out
+
     # ----------------------------------------------------------------- adversarial tricks
 
     def apply_tricks(self, body: Body, tricks: Sequence[str], subject: str) -> tuple[str, str]:
@@ -884,6 +932,13 @@ def build_corpus(pools: TextPools, seed: int = 1, size: float = 1.0) -> Corpus:
         + b.part_d(scaled(16))
     )
     b.rng.shuffle(msgs)
+    # Texts over the fingerprint's cap, from a builder of their own and put into the stream at
+    # positions of their own, so that the rest of the corpus and its order stay as they were.
+    extra = Builder(pools, seed + 104_729)
+    extra._addresses = b._addresses  # new people, and texts no other message has
+    extra.draw._bags, extra.draw.reused = b.draw._bags, b.draw.reused
+    for m in extra.part_long(scaled(3), scaled(2)):
+        msgs.insert(extra.rng.randrange(len(msgs) + 1), m)
     now = 0.0
     for i, m in enumerate(msgs):
         now += b.rng.expovariate(0.5)  # one message every 2 s on average

@@ -54,8 +54,8 @@ URL_PREFIX = "URL_"
 # Marks the end of a sentence in :func:`words_and_links` output (never a word).
 BREAK = b"\x01"
 
-# Text beyond this many characters is ignored (bounds time and memory on huge bodies).
-MAX_CHARS = 200_000
+# Text beyond this many characters is ignored (bounds the work on long texts; see .sketch).
+MAX_CHARS = 32_000
 # A URL's path shape keeps at most this many segments.
 MAX_URL_SEGMENTS = 4
 # A URL path segment or host label this long is taken for a token even without digits.

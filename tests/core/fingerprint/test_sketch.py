@@ -61,9 +61,11 @@ def test_pinned_values() -> None:
     """Fingerprints are stored and compared across processes: they must never drift."""
     fp = fingerprint(LONG)
     assert sketch.word_hash(b"garden") == 0x0573329A489AFEEE
-    # VERSION 2 changed only corner cases of tokenizing: this message's lanes are those of
-    # VERSION 1 (pinned then as 8bff6eda299ee1c835356ab4), only the version byte differs.
-    assert hashlib.sha256(fp.to_bytes()).hexdigest()[:24] == "b8a9db35c8133ac806353bad"
+    # VERSIONs 2 and 3 changed corner cases of tokenizing and the cap on long texts: this
+    # message's lanes are those of VERSION 1 (pinned then as 8bff6eda299ee1c835356ab4), only
+    # the version byte differs.
+    assert fp.to_bytes()[1:].hex().startswith("01009d2e3d")
+    assert hashlib.sha256(fp.to_bytes()).hexdigest()[:24] == "37aa045df3753b0b8d405592"
     assert new_cluster_id(fp, 1700000000.0) == new_cluster_id(fp, 1700000000.0)
     code = (
         "from mailguard.core.fingerprint import fingerprint;"
@@ -207,3 +209,15 @@ def test_lanes_are_the_smallest_value_of_each_bin_densified(values: list[int], o
     assert sketch._lanes(values) == _reference_lanes(values)
     many = [(one * 7919 + i * 104729) % 2**30 for i in range(3000)]  # every bin filled
     assert sketch._lanes(many) == _reference_lanes(many)
+
+
+def test_text_beyond_the_cap_does_not_count() -> None:
+    from mailguard.core.fingerprint.mime import MAX_TEXT_CHARS
+    from mailguard.core.fingerprint.normalize import MAX_CHARS
+
+    assert MAX_CHARS == MAX_TEXT_CHARS == 32_000
+    words = " ".join(f"w{chr(97 + i % 26)}{chr(97 + i // 26 % 26)}x" for i in range(9000))
+    head = ("Subject: long\n\n" + words[:MAX_CHARS]).encode()
+    one, two = head + b" first tail words here", head + b" another ending entirely"
+    assert fingerprint(one) == fingerprint(two)
+    assert fingerprint(one) != fingerprint(head[:-5000] + b" end of a shorter text")
