@@ -244,7 +244,17 @@ class Simhash(Pairwise):
             from simhash import Simhash as S
         except Exception as exc:
             raise Unavailable(f"simhash not importable: {exc!r}") from exc
-        self._cls: Any = S
+
+        import numpy as np
+
+        class Weighted(S):  # type: ignore[misc,valid-type]
+            # The library multiplies a feature's bits (uint8) by its weight: under numpy 2 a
+            # weight over 255 (a 4-gram that often, in a long text) raises OverflowError.
+            @staticmethod
+            def _bitarray_from_bytes(b: bytes) -> Any:
+                return np.unpackbits(np.frombuffer(b, dtype=">B")).astype(np.int64)
+
+        self._cls: Any = Weighted
 
     @property
     def description(self) -> str:
