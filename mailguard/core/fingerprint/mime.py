@@ -15,7 +15,8 @@ their decoded content) and the names and addresses in To and Cc, from any byte s
   non-empty body is an attachment.  Transfer encodings base64 (lenient about junk and padding)
   and quoted-printable are decoded; charsets are tried as declared, then UTF-8, then Latin-1
   (which cannot fail).  Encoded words (RFC 2047) in Subject, To and Cc are decoded the same way.
-- At most ``MAX_TEXT_CHARS`` (32,000) characters of text are kept (the trade-off: ``.sketch``).
+- At most ``MAX_TEXT_CHARS`` (200,000) characters of text are kept (a bound on the work; what
+  counts of long texts is :func:`.normalize.bounded`'s, see ``.sketch``).
 
 Parsing is done here rather than with :mod:`email`'s parser because that parser costs more
 than the whole fingerprint budget (about 0.2 ms for a 10 KB message before any decoding).
@@ -40,7 +41,7 @@ from mailguard.core.fingerprint.html import visible_text
 
 MAX_DEPTH = 8
 MAX_PARTS = 100
-MAX_TEXT_CHARS = 32_000
+MAX_TEXT_CHARS = 200_000
 MAX_ADDRESS_HEADER_CHARS = 4096
 MAX_PARAMETER_CHARS = 4096
 MAX_SUBJECT_CHARS = 4096

@@ -53,8 +53,9 @@ share a band with probability ``1 - (1 - J**4)**32``: 0.87 at 0.5, 0.988 at 0.6,
 body words (big-endian uint16, capped), then the 256 lane bytes (128 big-endian uint16) or the
 8-byte digest: 260 or 12 bytes.
 
-**Long texts.** Only the first 32,000 characters of visible text count (``MAX_TEXT_CHARS`` in
-:mod:`.mime`, ``MAX_CHARS`` in :mod:`.normalize`; 200,000 before VERSION 3), which bounds the
+**Long texts.** Only the first 32,000 characters of visible text count (``MAX_CHARS`` in
+:mod:`.normalize`, counted after invisible characters are dropped and white space squeezed:
+:func:`.normalize.bounded`; 200,000 before VERSION 3), which bounds the
 work on long messages (a 50 KB plain-text message: 0.29 ms instead of 1.5 ms, 0.76 ms instead of
 1.95 with every cache cold). 32,000 characters are some 5,000 words, far more shingles than 128
 lanes need, and campaign copies agree on their beginning as much as on their end: on the
@@ -65,8 +66,11 @@ cap is not seen, so two messages that agree on their first 32,000 characters mat
 follows (which can only make a sender's own long texts count as one campaign), and a hash-buster
 placed at the top needs about a fifth of the window (some 6,500 characters of random visible
 words) to push a copy under the threshold, where without a cap it needs about a quarter of the
-whole text; for texts up to about 25,000 characters that is no cheaper than before, and hidden
-padding does not count (hidden elements are removed before the cap). Texts longer than the old
+whole text; for texts up to about 25,000 characters that is no cheaper than before, and
+padding that shows nothing does not count: hidden elements are removed before the cap, and
+blank lines, runs of spaces, zero-width characters or ``&nbsp;`` are squeezed out before the
+32,000 characters are taken (VERSION 4; with VERSION 3 a 32 KB run of newlines at the top hid
+the whole body). Texts longer than the old
 cap of 200,000 characters were already cut the same way.
 
 **Versions.**  1: the first.  2 (2026-11-23): all text is tokenized by the rules of
@@ -75,7 +79,9 @@ hyphen runs, words whose only digit is 0 and a sentence end not followed by whit
 end of a text ends a sentence, and comments and script/style elements leave no space; most
 fingerprints are unchanged bit for bit (1,666 of 2,000 messages of the speed set; the others
 keep 124 or more of their 128 lanes).  3 (2026-11-23): the text cap went from 200,000 to
-32,000 characters (fingerprints of shorter texts unchanged).
+32,000 characters (fingerprints of shorter texts unchanged).  4 (2026-11-23): the 32,000
+characters are counted after invisible characters are dropped and white space squeezed
+(fingerprints of texts up to 32,000 characters unchanged).
 
 Must never: do I/O, read a clock or the environment, or depend on ``hash()`` (randomized per
 process): fingerprints are stored and compared across processes and machines, so any change
@@ -106,7 +112,7 @@ from mailguard.core.fingerprint.normalize import (
 
 Kind = Literal["sketch", "exact"]
 
-VERSION = 3
+VERSION = 4
 LANES = 128
 BANDS = 32
 ROWS = LANES // BANDS

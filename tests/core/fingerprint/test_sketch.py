@@ -61,11 +61,11 @@ def test_pinned_values() -> None:
     """Fingerprints are stored and compared across processes: they must never drift."""
     fp = fingerprint(LONG)
     assert sketch.word_hash(b"garden") == 0x0573329A489AFEEE
-    # VERSIONs 2 and 3 changed corner cases of tokenizing and the cap on long texts: this
+    # VERSIONs 2 to 4 changed corner cases of tokenizing and the cap on long texts: this
     # message's lanes are those of VERSION 1 (pinned then as 8bff6eda299ee1c835356ab4), only
     # the version byte differs.
     assert fp.to_bytes()[1:].hex().startswith("01009d2e3d")
-    assert hashlib.sha256(fp.to_bytes()).hexdigest()[:24] == "37aa045df3753b0b8d405592"
+    assert hashlib.sha256(fp.to_bytes()).hexdigest()[:24] == "aa532abf1b7302e47491271d"
     assert new_cluster_id(fp, 1700000000.0) == new_cluster_id(fp, 1700000000.0)
     code = (
         "from mailguard.core.fingerprint import fingerprint;"
@@ -212,12 +212,40 @@ def test_lanes_are_the_smallest_value_of_each_bin_densified(values: list[int], o
 
 
 def test_text_beyond_the_cap_does_not_count() -> None:
-    from mailguard.core.fingerprint.mime import MAX_TEXT_CHARS
     from mailguard.core.fingerprint.normalize import MAX_CHARS
 
-    assert MAX_CHARS == MAX_TEXT_CHARS == 32_000
+    assert MAX_CHARS == 32_000
     words = " ".join(f"w{chr(97 + i % 26)}{chr(97 + i // 26 % 26)}x" for i in range(9000))
     head = ("Subject: long\n\n" + words[:MAX_CHARS]).encode()
     one, two = head + b" first tail words here", head + b" another ending entirely"
     assert fingerprint(one) == fingerprint(two)
     assert fingerprint(one) != fingerprint(head[:-5000] + b" end of a shorter text")
+
+
+SPAM = " ".join(
+    f"Our {w} offer of the season is here. Order today and save on every {w} you buy."
+    for w in ("shoe", "coat", "hat", "scarf", "boot", "glove", "shirt", "sock") * 4
+)
+
+
+@pytest.mark.parametrize(
+    ("ctype", "padding"),
+    [
+        ("text/plain", "\n" * 40_000),
+        ("text/plain", " " * 40_000),
+        ("text/plain", "\r\n \t" * 12_000),
+        ("text/plain", "\u200b" * 40_000),
+        ("text/plain", "\u00a0\u200c\u0301" * 15_000),
+        ("text/html", "&#8203;" * 40_000),
+        ("text/html", "<br>" * 40_000),
+        ("text/html", "&nbsp;" * 40_000),
+    ],
+)
+def test_padding_that_shows_nothing_does_not_push_the_body_out(ctype: str, padding: str) -> None:
+    """Blank lines, spaces or invisible characters before the body do not use up the window of
+    ``MAX_CHARS`` characters (with VERSION 3 they hid the whole body)."""
+    body = f"<p>{SPAM}</p>" if ctype == "text/html" else SPAM
+    plain = fingerprint(f"Subject: offer\nContent-Type: {ctype}\n\n{body}\n".encode())
+    padded = fingerprint(f"Subject: offer\nContent-Type: {ctype}\n\n{padding}{body}\n".encode())
+    assert plain.kind == padded.kind == "sketch"
+    assert similarity(plain, padded) >= SIMILARITY_THRESHOLD
