@@ -22,6 +22,7 @@ redis-server is its ``subprocess`` child), or leave a worker behind when it exit
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import select
@@ -49,6 +50,7 @@ _RELOAD_WAIT = 10.0
 _STABLE = 30.0
 _MAX_BACKOFF = 30.0
 _KILL_GRACE = 10.0  # beyond drain_timeout, before a worker that does not stop is killed
+_FORWARDED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def worker_count(config: Config) -> int:
@@ -137,6 +139,7 @@ class Supervisor:
     _store_retry_at: float = 0.0
     _store_backoff: float = 1.0
     _reload_deadline: float = 0.0
+    _reloaded_at: float = -1.0
     _everyone_ready: bool = False
 
     def run(self) -> int:
@@ -219,7 +222,9 @@ class Supervisor:
                         self._on_report(line.decode("ascii", "replace"))
 
     def _take_signals(self) -> list[int]:
-        taken, self._signals[:] = list(self._signals), []
+        taken = []
+        while self._signals:  # one at a time: a handler may append meanwhile
+            taken.append(self._signals.pop(0))
         return taken
 
     def _on_report(self, line: str) -> None:
@@ -229,12 +234,22 @@ class Supervisor:
             return
         if event == "ready":
             worker.ready = True
+            if worker.started < self._reloaded_at and worker.pid:
+                # Forked before a reload it could not take yet (SIGHUP was ignored until its
+                # handler was in place): the file may have changed since its config was read.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGHUP)
             if not self._everyone_ready and all(w.ready for w in self.workers.values()):
                 self._everyone_ready = True
                 log.info("%d workers ready", self.count)
                 notify("READY=1")
-        elif event == "reloaded" and worker.slot in self._reload_pending:
-            self._reload_pending.discard(worker.slot)
+        elif event == "reloaded":
+            self._reload_reported(worker.slot)
+
+    def _reload_reported(self, slot: int) -> None:
+        """Worker ``slot`` has reloaded, or will not report (it died): READY=1 after the last."""
+        if slot in self._reload_pending:
+            self._reload_pending.discard(slot)
             if not self._reload_pending:
                 notify("READY=1")
 
@@ -255,9 +270,11 @@ class Supervisor:
                 log.error("worker %d exited with status %d while starting", worker.slot, code)
                 return 1
             uptime = time.monotonic() - worker.started
-            worker.backoff = 1.0 if uptime > _STABLE else min(worker.backoff * 2, _MAX_BACKOFF)
-            worker.restart_at = time.monotonic() + (1.0 if uptime > _STABLE else worker.backoff)
-            self._reload_pending.discard(worker.slot)
+            if uptime > _STABLE:
+                worker.backoff = 1.0
+            worker.restart_at = time.monotonic() + worker.backoff
+            worker.backoff = min(worker.backoff * 2, _MAX_BACKOFF)  # if it dies again soon
+            self._reload_reported(worker.slot)
             log.error(
                 "worker %d (pid %d) exited with status %d; restarting it in %.0fs",
                 worker.slot,
@@ -284,7 +301,7 @@ class Supervisor:
                 log.info("embedded redis-server running again (pid %s)", self.embedded.pid)
             elif self.embedded.restart_if_dead_sync():
                 log.info("embedded redis-server running again (pid %s)", self.embedded.pid)
-        except StoreError as exc:
+        except Exception as exc:  # the store's trouble must not stop the gate
             log.error(
                 "embedded redis-server did not start (next try in %gs): %s",
                 self._store_backoff,
@@ -300,14 +317,28 @@ class Supervisor:
         config = reload_config(self.path, log)
         if config is None:
             return  # each worker would refuse it the same way: keep them as they are
-        self.config = config  # for workers started from now on
+        # For workers started from now on; the listeners, the store and the state directory
+        # stay those of the start, as in every running worker (changes need a restart).
+        self.config = dataclasses.replace(
+            config,
+            store=self.config.store,
+            server=dataclasses.replace(
+                config.server,
+                listen=self.config.server.listen,
+                state_dir=self.config.server.state_dir,
+                workers=self.config.server.workers,
+            ),
+        )
+        self._reloaded_at = time.monotonic()
         notify("RELOADING=1")
-        self._reload_pending = {w.slot for w in self.workers.values() if w.pid}
+        ready = [w for w in self.workers.values() if w.pid and w.ready]
+        self._reload_pending = {w.slot for w in ready}
         self._reload_deadline = time.monotonic() + _RELOAD_WAIT
-        for worker in self.workers.values():
-            if worker.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(worker.pid, signal.SIGHUP)
+        if not self._reload_pending:
+            notify("READY=1")
+        for worker in ready:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGHUP)
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -315,11 +346,15 @@ class Supervisor:
         store_url = self.embedded.url if self.embedded is not None else None
         link = WorkerLink(worker.slot, tuple(self.sockets), store_url, self._report_w)
         worker.ready, worker.started = False, time.monotonic()
+        # Signals stay blocked across the fork until the new worker has its own handling, so
+        # none reaches the main process's handler in the worker's copy (and is lost there).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
         pid = os.fork()
         if pid == 0:  # the worker
             status = 70
             try:
                 self._become_worker()
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
                 status = self.run_worker(link, self.config)
             except SystemExit as exc:
                 status = exc.code if isinstance(exc.code, int) else 1
@@ -329,13 +364,16 @@ class Supervisor:
                 with contextlib.suppress(Exception):
                     logging.shutdown()
                 os._exit(status)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         worker.pid = pid
 
     def _become_worker(self) -> None:
-        """In a new worker: default signal handling, nothing of the main process's loop."""
+        """In a new worker: default signal handling (SIGHUP ignored until ``serve`` handles it:
+        a reload it misses is sent again when it reports ready), nothing of the main process."""
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         report_r, _report_w, wake_r, wake_w = self._fds
         for fd in (report_r, wake_r, wake_w):
             os.close(fd)
@@ -358,6 +396,7 @@ class Supervisor:
         while alive and time.monotonic() < deadline:
             alive = {pid for pid in alive if not _reaped(pid)}
             if alive:
+                self._watch_store()  # transactions still draining need it
                 time.sleep(0.05)
         for pid in alive:
             log.error("worker pid %d did not stop: killing it", pid)

@@ -271,8 +271,12 @@ class EmbeddedRedis:
         except OSError as exc:
             os.close(fd)
             raise EmbeddedRedisError(f"cannot lock {self.lock_path}: {exc.strerror}") from exc
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:  # e.g. a full disk
+            os.close(fd)
+            raise EmbeddedRedisError(f"cannot write {self.lock_path}: {exc.strerror}") from exc
         self._lock_fd = fd
 
     def _unlock(self) -> None:
@@ -378,7 +382,7 @@ class EmbeddedRedis:
             while True:
                 try:
                     await self.start()
-                except EmbeddedRedisError as exc:
+                except (EmbeddedRedisError, OSError) as exc:
                     log.error(
                         "embedded redis-server did not start (next try in %gs): %s", backoff, exc
                     )

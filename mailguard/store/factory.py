@@ -12,7 +12,7 @@ Must never: keep a second reference to the store or the child.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 from pathlib import Path
 
 from mailguard.config.schema import StoreConfig
@@ -38,8 +38,12 @@ async def open_store(config: StoreConfig, state_dir: Path) -> RedisStore:
 
     async def stop() -> None:
         watchdog.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await watchdog
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # the watchdog failed: the child must be stopped all the same
+            logging.getLogger("mailguard.store").exception("embedded redis-server watchdog")
         await embedded.stop()
 
     try:

@@ -175,3 +175,68 @@ async def test_the_main_process_starts_a_dead_redis_server_again(gate2: GateProc
     assert any(r.startswith("451 4.3.0") for r in replies), replies
     assert [c for c in children(pid) if "redis-server" in command_of(c)] != [redis]
     assert "embedded redis-server killed by signal 9; starting it again" in gate2.stderr()
+
+
+async def test_sighup_while_workers_start_is_taken_once_they_are_ready(
+    tmp_path: Path, upstream: RecordingUpstream
+) -> None:
+    config = tmp_path / "mailguard.toml"
+    config.write_text(
+        WORKERS.format(
+            port=free_port(),
+            state=tmp_path / "state",
+            upstream_port=upstream.port,
+            log=tmp_path / "decisions.jsonl",
+            network="127.0.0.0/8",
+        )
+    )
+    stderr = tmp_path / "stderr.log"
+    env = {**os.environ, "MAILGUARD_STATE_DIR": str(tmp_path / "state")}
+    with stderr.open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "mailguard", "serve", "--config", str(config)),
+            stderr=err,
+            cwd=ROOT,
+            env=env,
+        )
+    try:
+        await wait_for(lambda: "listening on" in stderr.read_text(), "the main process")
+        proc.send_signal(signal.SIGHUP)  # the workers are being forked or starting
+        await wait_for(lambda: "2 workers ready" in stderr.read_text(), "the workers")
+        # Every worker took the reload, now or once ready; none died of the signal.
+        await wait_for(
+            lambda: stderr.read_text().count("configuration reloaded") >= 2, "the reloads"
+        )
+        assert "exited with status" not in stderr.read_text()
+        assert len(workers_of(proc.pid)) == 2
+    finally:
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 20) == 0, stderr.read_text()
+
+
+def test_a_reload_keeps_listeners_store_and_state_dir_for_workers_started_later(
+    tmp_path: Path,
+) -> None:
+    """A worker restarted after a reload must count in the same store as the others."""
+    from mailguard.config.load import load_config
+    from mailguard.gate.workers import Supervisor
+
+    path = tmp_path / "mailguard.toml"
+    fmt = {
+        "port": 10025,
+        "state": tmp_path / "state",
+        "upstream_port": 2525,
+        "log": tmp_path / "d.jsonl",
+        "network": "127.0.0.0/8",
+    }
+    path.write_text(WORKERS.format(**fmt) + '[store]\nurl = "redis://127.0.0.1:6390/0"\n')
+    started = load_config(path)
+    supervisor = Supervisor(path, started, 2, lambda link, config: 0)
+    changed = {**fmt, "port": 10026, "state": tmp_path / "other", "network": "10.0.0.0/8"}
+    path.write_text(WORKERS.format(**changed) + '[store]\nurl = "redis://127.0.0.1:6391/0"\n')
+    supervisor._reload()
+    config = supervisor.config
+    assert config.store == started.store
+    assert config.server.listen == started.server.listen
+    assert config.server.state_dir == started.server.state_dir
+    assert [str(n) for n in config.customers[0].networks] == ["10.0.0.0/8"]  # the rest is new
