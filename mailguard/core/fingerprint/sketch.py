@@ -160,12 +160,20 @@ def _donor_sequences() -> tuple[tuple[int, ...], ...]:
 _DONORS = _donor_sequences()
 
 # Word hashes (8 little-endian bytes each) are cached across messages, as vocabularies repeat;
-# the cache only saves time.
+# words longer than _CACHED_WORD bytes are not.  The caches only save time; each is emptied
+# when it would pass its limits, so that it stays small in every gate worker whatever the mail.
 _WORD_HASHES: dict[bytes, bytes] = {}
-_WORD_CACHE_LIMIT = 1 << 17
-# Feature values of sentences (little-endian uint32s), cached: campaigns repeat their sentences.
+_WORD_CACHE_LIMIT = 1 << 16
+_CACHED_WORD = 64
+# Feature values of sentences (little-endian uint32s), cached: campaigns repeat their sentences;
+# at most _SENTENCE_CACHE_LIMIT sentences of at most _CACHED_SENTENCE bytes, and about
+# _SENTENCE_CACHE_BYTES in all (sentences, values and a per-entry overhead).
 _SENTENCES: dict[bytes, bytes] = {}
 _SENTENCE_CACHE_LIMIT = 1 << 15
+_CACHED_SENTENCE = 2000
+_SENTENCE_CACHE_BYTES = 8 << 20
+_ENTRY_OVERHEAD = 160
+_sentence_cache_bytes = 0
 # Lane masks for the packed shingle computation, by power-of-two lane count.
 _MASKS: dict[int, int] = {}
 
@@ -189,9 +197,9 @@ def _packed_hashes(words: list[bytes]) -> bytes:
     parts = list(map(cache.get, words))
     if None in parts:
         new = {word: _word_digest(word) for word in set(words).difference(cache)}
-        if len(cache) > _WORD_CACHE_LIMIT:
+        if len(cache) + len(new) > _WORD_CACHE_LIMIT:
             cache.clear()
-        cache.update(new)
+        cache.update((word, value) for word, value in new.items() if len(word) <= _CACHED_WORD)
         # (another thread may have cleared the cache meanwhile: never rely on it here)
         parts = [
             part if part is not None else new.get(word) or _word_digest(word)
@@ -351,6 +359,21 @@ def _sentence_values(sentences: list[bytes]) -> list[bytes]:
     return out
 
 
+def _keep_sentences(computed: dict[bytes, bytes]) -> None:
+    """Add sentences' values to the cache within its limits (emptying it first if needed)."""
+    global _sentence_cache_bytes
+    kept = {s: v for s, v in computed.items() if len(s) <= _CACHED_SENTENCE}
+    size = sum(len(s) + len(v) + _ENTRY_OVERHEAD for s, v in kept.items())
+    if (
+        len(_SENTENCES) + len(kept) > _SENTENCE_CACHE_LIMIT
+        or _sentence_cache_bytes + size > _SENTENCE_CACHE_BYTES
+    ):
+        _SENTENCES.clear()
+        _sentence_cache_bytes = 0
+    _SENTENCES.update(kept)
+    _sentence_cache_bytes += size
+
+
 def _body_values(spaced: bytes) -> NDArray[np.uint32]:
     """Feature values of the body: shingles inside sentences, and whole short sentences.
 
@@ -364,9 +387,7 @@ def _body_values(spaced: bytes) -> NDArray[np.uint32]:
     if None in found:
         missing = list(dict.fromkeys(s for s, f in zip(sentences, found, strict=True) if f is None))
         computed = dict(zip(missing, _sentence_values(missing), strict=True))
-        if len(cache) > _SENTENCE_CACHE_LIMIT:
-            cache.clear()
-        cache.update(computed)
+        _keep_sentences(computed)
         found = [f if f is not None else computed[s] for s, f in zip(sentences, found, strict=True)]
     return np.frombuffer(b"".join(found), _U32)  # type: ignore[arg-type]  # no None left
 

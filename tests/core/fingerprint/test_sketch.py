@@ -249,3 +249,26 @@ def test_padding_that_shows_nothing_does_not_push_the_body_out(ctype: str, paddi
     padded = fingerprint(f"Subject: offer\nContent-Type: {ctype}\n\n{padding}{body}\n".encode())
     assert plain.kind == padded.kind == "sketch"
     assert similarity(plain, padded) >= SIMILARITY_THRESHOLD
+
+
+def test_the_caches_stay_within_their_limits() -> None:
+    """Unique long lines and sentences (say, a hash-buster per line) cannot grow the caches
+    past their budgets: every gate worker holds its own."""
+    rng = random.Random(7)
+
+    def junk(n: int) -> str:
+        return " ".join(
+            "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 90)))
+            for _ in range(n)
+        )
+
+    for i in range(60):
+        lines = "\n".join(f"{junk(rng.randint(5, 150))}." for _ in range(40))
+        fingerprint(f"Subject: junk {i}\n\n{lines}\n".encode())
+        assert len(normalize._LINES) <= normalize._LINE_CACHE_LIMIT
+        assert normalize._line_cache_bytes <= normalize._LINE_CACHE_BYTES
+        assert len(sketch._SENTENCES) <= sketch._SENTENCE_CACHE_LIMIT
+        assert sketch._sentence_cache_bytes <= sketch._SENTENCE_CACHE_BYTES
+        assert len(sketch._WORD_HASHES) <= sketch._WORD_CACHE_LIMIT
+    assert all(len(x) <= normalize.MAX_CACHED_LINE for x in normalize._LINES)
+    assert all(len(w) <= sketch._CACHED_WORD for w in sketch._WORD_HASHES)
