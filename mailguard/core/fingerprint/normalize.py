@@ -49,6 +49,8 @@ from functools import lru_cache
 from itertools import chain, filterfalse, islice
 from operator import itemgetter
 
+from mailguard.core.fingerprint.cache import BoundedCache
+
 NUM = "0"
 EMAIL = "EMAIL"
 URL_PREFIX = "URL_"
@@ -65,16 +67,12 @@ MAX_CHARS = 32_000
 MAX_URL_SEGMENTS = 4
 # A URL path segment or host label this long is taken for a token even without digits.
 TOKENISH_LENGTH = 24
-# The words of lines (see body_words) are cached, lines longer than this not; the cache is
-# emptied when it would hold more than _LINE_CACHE_LIMIT lines or about _LINE_CACHE_BYTES
-# (characters of the lines, bytes of their words and a per-entry overhead), so that it stays
-# small in every gate worker whatever the mail.
+# The words of lines (see body_words) are cached: at most 32,768 lines of at most
+# MAX_CACHED_LINE characters, about 16 MB in all (.cache).
 MAX_CACHED_LINE = 1000
-_LINES: dict[str, tuple[bytes, tuple[str, ...]]] = {}
-_LINE_CACHE_LIMIT = 1 << 15
-_LINE_CACHE_BYTES = 16 << 20
-_ENTRY_OVERHEAD = 160
-_line_cache_bytes = 0
+_LINES: BoundedCache[str, tuple[bytes, tuple[str, ...]]] = BoundedCache(
+    1 << 15, 16 << 20, MAX_CACHED_LINE, lambda value: len(value[0])
+)
 # Parsed URLs are cached (campaigns repeat their links); the cache only saves time.
 _URL_CACHE: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {}
 _URL_CACHE_LIMIT = 1 << 14
@@ -633,18 +631,6 @@ def _line_values(lines: list[str]) -> list[tuple[bytes, tuple[str, ...]]]:
     return out
 
 
-def _keep_lines(computed: dict[str, tuple[bytes, tuple[str, ...]]]) -> None:
-    """Add lines to the cache within its limits (emptying it first when they would be passed)."""
-    global _line_cache_bytes
-    kept = {x: v for x, v in computed.items() if len(x) <= MAX_CACHED_LINE}
-    size = sum(len(x) + len(v[0]) + _ENTRY_OVERHEAD for x, v in kept.items())
-    if len(_LINES) + len(kept) > _LINE_CACHE_LIMIT or _line_cache_bytes + size > _LINE_CACHE_BYTES:
-        _LINES.clear()
-        _line_cache_bytes = 0
-    _LINES.update(kept)
-    _line_cache_bytes += size
-
-
 def body_words(text: str, exclude: AbstractSet[bytes] = frozenset()) -> tuple[bytes, list[bytes]]:
     """:func:`words_and_links` with ``breaks``, its words as one byte string, computed by line.
 
@@ -654,7 +640,7 @@ def body_words(text: str, exclude: AbstractSet[bytes] = frozenset()) -> tuple[by
     the white space after them), so each line's words are computed on their own, before
     recipient words are removed, and cached: copies of a campaign repeat most of their lines.
     Lines longer than ``MAX_CACHED_LINE`` characters are not kept, and the cache has a size
-    limit (``_keep_lines``).  (The cache only saves
+    limit (:mod:`.cache`).  (The cache only saves
     time: a line's words depend on nothing else.)
     """
     text = bounded(text)
@@ -666,7 +652,7 @@ def body_words(text: str, exclude: AbstractSet[bytes] = frozenset()) -> tuple[by
     if None in found:
         missing = list(dict.fromkeys(x for x, f in zip(lines, found, strict=True) if f is None))
         computed = dict(zip(missing, _line_values(missing), strict=True))
-        _keep_lines(computed)
+        cache.keep(computed)
         found = [f if f is not None else computed[x] for x, f in zip(lines, found, strict=True)]
     values: list[tuple[bytes, tuple[str, ...]]] = found  # type: ignore[assignment]  # no None
     spaced = b" " + b" ".join(filter(None, map(itemgetter(0), values))) + b" "

@@ -101,6 +101,7 @@ from typing import Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from mailguard.core.fingerprint.cache import BoundedCache
 from mailguard.core.fingerprint.mime import Extracted, extract
 from mailguard.core.fingerprint.normalize import (
     BREAK,
@@ -166,14 +167,8 @@ _WORD_HASHES: dict[bytes, bytes] = {}
 _WORD_CACHE_LIMIT = 1 << 16
 _CACHED_WORD = 64
 # Feature values of sentences (little-endian uint32s), cached: campaigns repeat their sentences;
-# at most _SENTENCE_CACHE_LIMIT sentences of at most _CACHED_SENTENCE bytes, and about
-# _SENTENCE_CACHE_BYTES in all (sentences, values and a per-entry overhead).
-_SENTENCES: dict[bytes, bytes] = {}
-_SENTENCE_CACHE_LIMIT = 1 << 15
-_CACHED_SENTENCE = 2000
-_SENTENCE_CACHE_BYTES = 8 << 20
-_ENTRY_OVERHEAD = 160
-_sentence_cache_bytes = 0
+# at most 32,768 sentences of at most 2,000 bytes, about 8 MB in all (.cache).
+_SENTENCES: BoundedCache[bytes, bytes] = BoundedCache(1 << 15, 8 << 20, 2000, len)
 # Lane masks for the packed shingle computation, by power-of-two lane count.
 _MASKS: dict[int, int] = {}
 
@@ -359,21 +354,6 @@ def _sentence_values(sentences: list[bytes]) -> list[bytes]:
     return out
 
 
-def _keep_sentences(computed: dict[bytes, bytes]) -> None:
-    """Add sentences' values to the cache within its limits (emptying it first if needed)."""
-    global _sentence_cache_bytes
-    kept = {s: v for s, v in computed.items() if len(s) <= _CACHED_SENTENCE}
-    size = sum(len(s) + len(v) + _ENTRY_OVERHEAD for s, v in kept.items())
-    if (
-        len(_SENTENCES) + len(kept) > _SENTENCE_CACHE_LIMIT
-        or _sentence_cache_bytes + size > _SENTENCE_CACHE_BYTES
-    ):
-        _SENTENCES.clear()
-        _sentence_cache_bytes = 0
-    _SENTENCES.update(kept)
-    _sentence_cache_bytes += size
-
-
 def _body_values(spaced: bytes) -> NDArray[np.uint32]:
     """Feature values of the body: shingles inside sentences, and whole short sentences.
 
@@ -387,7 +367,7 @@ def _body_values(spaced: bytes) -> NDArray[np.uint32]:
     if None in found:
         missing = list(dict.fromkeys(s for s, f in zip(sentences, found, strict=True) if f is None))
         computed = dict(zip(missing, _sentence_values(missing), strict=True))
-        _keep_sentences(computed)
+        cache.keep(computed)
         found = [f if f is not None else computed[s] for s, f in zip(sentences, found, strict=True)]
     return np.frombuffer(b"".join(found), _U32)  # type: ignore[arg-type]  # no None left
 

@@ -265,10 +265,10 @@ def test_the_caches_stay_within_their_limits() -> None:
     for i in range(60):
         lines = "\n".join(f"{junk(rng.randint(5, 150))}." for _ in range(40))
         fingerprint(f"Subject: junk {i}\n\n{lines}\n".encode())
-        assert len(normalize._LINES) <= normalize._LINE_CACHE_LIMIT
-        assert normalize._line_cache_bytes <= normalize._LINE_CACHE_BYTES
-        assert len(sketch._SENTENCES) <= sketch._SENTENCE_CACHE_LIMIT
-        assert sketch._sentence_cache_bytes <= sketch._SENTENCE_CACHE_BYTES
+        for cache in (normalize._LINES, sketch._SENTENCES):
+            assert len(cache) <= cache.entries
+            assert cache.used <= cache.budget
+            assert all(len(key) <= cache.longest for key in cache)
         assert len(sketch._WORD_HASHES) <= sketch._WORD_CACHE_LIMIT
     assert all(len(x) <= normalize.MAX_CACHED_LINE for x in normalize._LINES)
     assert all(len(w) <= sketch._CACHED_WORD for w in sketch._WORD_HASHES)

@@ -1,0 +1,41 @@
+"""A size-limited memo for the fingerprint's per-line and per-sentence results.
+
+Responsible for: keeping at most ``entries`` items with keys of at most ``longest`` (in
+``len``) and about ``budget`` in all (key length plus the size of the value, as the caller
+measures it, plus a per-entry overhead); when new items would pass a limit it is emptied
+first.  Campaign copies repeat their lines and sentences, so a plain dict read hits most of the
+time; the limits keep it small in every gate worker whatever the mail.
+Must never: change a result (it only saves time), or grow past its limits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Generic, TypeVar
+
+K = TypeVar("K", str, bytes)
+V = TypeVar("V")
+
+ENTRY_OVERHEAD = 160  # bytes a dict entry and its objects cost beyond their contents, roughly
+
+
+class BoundedCache(dict[K, V], Generic[K, V]):
+    """A dict with ``keep``: add computed items within the limits (module docstring)."""
+
+    def __init__(self, entries: int, budget: int, longest: int, size: Callable[[V], int]) -> None:
+        super().__init__()
+        self.entries, self.budget, self.longest = entries, budget, longest
+        self._size = size
+        self.used = 0  # the budget in use
+
+    def keep(self, computed: Mapping[K, V]) -> None:
+        kept = {k: v for k, v in computed.items() if len(k) <= self.longest}
+        size = sum(len(k) + self._size(v) + ENTRY_OVERHEAD for k, v in kept.items())
+        if len(self) + len(kept) > self.entries or self.used + size > self.budget:
+            self.clear()
+        self.update(kept)
+        self.used += size
+
+    def clear(self) -> None:
+        super().clear()
+        self.used = 0
