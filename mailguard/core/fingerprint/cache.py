@@ -10,7 +10,7 @@ Must never: change a result (it only saves time), or grow past its limits.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Generic, TypeVar
 
 K = TypeVar("K", str, bytes)
@@ -27,6 +27,17 @@ class BoundedCache(dict[K, V], Generic[K, V]):
         self.entries, self.budget, self.longest = entries, budget, longest
         self._size = size
         self.used = 0  # the budget in use
+
+    def values_of(self, keys: Sequence[K], compute: Callable[[list[K]], Sequence[V]]) -> list[V]:
+        """The value of every key: cached ones from here, the others from one ``compute`` call
+        on the distinct missing keys (in order), which are then kept."""
+        found = list(map(self.get, keys))
+        if None not in found:
+            return found  # type: ignore[return-value]  # no None
+        missing = list(dict.fromkeys(k for k, f in zip(keys, found, strict=True) if f is None))
+        computed = dict(zip(missing, compute(missing), strict=True))
+        self.keep(computed)
+        return [f if f is not None else computed[k] for k, f in zip(keys, found, strict=True)]
 
     def keep(self, computed: Mapping[K, V]) -> None:
         kept = {k: v for k, v in computed.items() if len(k) <= self.longest}

@@ -646,15 +646,7 @@ def body_words(text: str, exclude: AbstractSet[bytes] = frozenset()) -> tuple[by
     text = bounded(text)
     if "\x01" in text or "\x04" in text or "\x05" in text:  # ours
         text = text.translate(_OURS)
-    lines = text.split("\n")
-    cache = _LINES
-    found = list(map(cache.get, lines))
-    if None in found:
-        missing = list(dict.fromkeys(x for x, f in zip(lines, found, strict=True) if f is None))
-        computed = dict(zip(missing, _line_values(missing), strict=True))
-        cache.keep(computed)
-        found = [f if f is not None else computed[x] for x, f in zip(lines, found, strict=True)]
-    values: list[tuple[bytes, tuple[str, ...]]] = found  # type: ignore[assignment]  # no None
+    values = _LINES.values_of(text.split("\n"), _line_values)
     spaced = b" " + b" ".join(filter(None, map(itemgetter(0), values))) + b" "
     if spaced == b"  ":
         spaced = b" "

@@ -362,14 +362,7 @@ def _body_values(spaced: bytes) -> NDArray[np.uint32]:
     values depend on nothing else, up to the carries of :func:`shingle_values`).
     """
     sentences = list(filter(None, map(bytes.strip, spaced.split(BREAK))))
-    cache = _SENTENCES
-    found = list(map(cache.get, sentences))
-    if None in found:
-        missing = list(dict.fromkeys(s for s, f in zip(sentences, found, strict=True) if f is None))
-        computed = dict(zip(missing, _sentence_values(missing), strict=True))
-        cache.keep(computed)
-        found = [f if f is not None else computed[s] for s, f in zip(sentences, found, strict=True)]
-    return np.frombuffer(b"".join(found), _U32)  # type: ignore[arg-type]  # no None left
+    return np.frombuffer(b"".join(_SENTENCES.values_of(sentences, _sentence_values)), _U32)
 
 
 def fingerprint_of(extracted: Extracted, recipients: Sequence[str] = ()) -> Fingerprint:
