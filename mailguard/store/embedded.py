@@ -213,8 +213,8 @@ class EmbeddedRedis:
         return None
 
     def _spawn(self) -> None:
-        if self._proc is not None:  # a previous child died: reap it and release its lock
-            self._terminate_sync(grace=0.0)
+        if self._proc is not None:  # a previous child died: reap it, keeping the lock (so no
+            self._terminate_sync(grace=0.0, keep_lock=True)  # other process takes it meanwhile)
         binary = shutil.which(self.redis_server)
         if binary is None:
             raise EmbeddedRedisError(
@@ -230,7 +230,8 @@ class EmbeddedRedis:
                 f"unix socket path {self.socket_path} is too long"
                 f" (more than {_MAX_UNIX_SOCKET_PATH} bytes): use a shorter state directory"
             )
-        self._lock()
+        if self._lock_fd is None:
+            self._lock()
         try:
             self._clear_stale_files()
             self._write_conf()
@@ -415,7 +416,7 @@ class EmbeddedRedis:
             self._proc = None
         self._unlock()
 
-    def _terminate_sync(self, grace: float) -> None:
+    def _terminate_sync(self, grace: float, *, keep_lock: bool = False) -> None:
         proc = self._proc
         if proc is not None:
             if proc.poll() is None:
@@ -427,7 +428,8 @@ class EmbeddedRedis:
                     proc.kill()
                     proc.wait()
             self._proc = None
-        self._unlock()
+        if not keep_lock:
+            self._unlock()
 
     # -- context managers ----------------------------------------------------------------------
 

@@ -358,6 +358,10 @@ def test_restart_if_dead_sync(tmp_path: Path, binary: str, cleanup: list[Embedde
         if not server.running:
             break
         time.sleep(0.02)
+    # Until it is started again the state directory stays the owner's: no other process
+    # (an admin command, say) can start its own server there meanwhile.
+    with pytest.raises(EmbeddedRedisError, match="is in use by pid"):
+        EmbeddedRedis(tmp_path, binary).start_sync()
     assert server.restart_if_dead_sync()
     assert server.running and server.pid != first
     assert _gone(first)
