@@ -16,7 +16,7 @@ their decoded content) and the names and addresses in To and Cc, from any byte s
   and quoted-printable are decoded; charsets are tried as declared, then UTF-8, then Latin-1
   (which cannot fail).  Encoded words (RFC 2047) in Subject, To and Cc are decoded the same way.
 - At most ``MAX_TEXT_CHARS`` (200,000) characters of text are kept (a bound on the work; what
-  counts of long texts is :func:`.normalize.bounded`'s, see ``.sketch``).
+  counts of long texts is decided in :mod:`.normalize`, see ``.sketch``).
 
 Parsing is done here rather than with :mod:`email`'s parser because that parser costs more
 than the whole fingerprint budget (about 0.2 ms for a 10 KB message before any decoding).

@@ -21,8 +21,9 @@ cosmetic tricks give the same tokens.  In order:
    end of each sentence.
 4. Personalization: words naming the recipient (from :func:`recipient_terms`) are removed.
 
-Only the first ``MAX_CHARS`` characters of a text count (:func:`bounded`: of a longer text,
-after invisible characters are dropped and white space squeezed).  Text whose characters cannot
+Only the first ``MAX_CHARS`` characters of a text count (of a longer text whose first
+``MAX_CHARS`` hold few words, those after invisible characters are dropped and white space
+squeezed: :func:`squeezed`).  Text whose characters cannot
 combine with their neighbours (Latin, CJK, most scripts) is cleaned character by character,
 and all text is tokenized with whole-text byte operations (``bytes.translate``, ``replace``,
 ``split``), not a Python step per word, by the rules of :func:`reference_unicode_words` (the
@@ -59,10 +60,12 @@ BREAK = b"\x01"
 
 # Text beyond this many characters is never read (bounds the work on any text).
 MAX_SCAN_CHARS = 200_000
-# Of a longer text only this many characters count, once runs of white space are squeezed
-# and invisible characters and combining marks dropped (:func:`bounded`), so that padding that
-# shows nothing cannot use the window up (bounds the work on long texts; see .sketch).
+# Of a longer text only this many characters count (bounds the work on long texts; see
+# .sketch): its first MAX_CHARS, or, when those hold FEW_WORDS words or fewer (ordinary text:
+# about 5,000), the first MAX_CHARS after white space is squeezed and invisible characters
+# dropped (:func:`squeezed`), so that padding that shows nothing cannot use the window up.
 MAX_CHARS = 32_000
+FEW_WORDS = 1_000
 # A URL's path shape keeps at most this many segments.
 MAX_URL_SEGMENTS = 4
 # A URL path segment or host label this long is taken for a token even without digits.
@@ -94,7 +97,7 @@ _MARKS = (
     "\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"
 )
 _MARKS_RE = re.compile(f"[{_MARKS}]+")
-# What :func:`bounded` squeezes in a long text before it takes its window (both patterns start
+# What :func:`squeezed` squeezes in a long text before it takes its window (both patterns start
 # with their literal, which the engine finds fast).
 _NEWLINE_RUN_RE = re.compile(r"\n\s+")
 _SPACE_RUN_RE = re.compile(r"  +")
@@ -225,10 +228,9 @@ _INVISIBLE_CHARS = _expand(_INVISIBLE)
 _MARK_CHARS = _expand(_MARKS)
 _HOMOGLYPH_CHARS = frozenset(_HOMOGLYPH_SOURCE)
 _ASCII_BYTES = bytes(range(128))
-# For :func:`bounded`: characters that show nothing, and white space other than " " and "\n".
+# For :func:`squeezed`: characters that show nothing, and white space other than " " and "\n".
 _FILLER_CHARS = _INVISIBLE_CHARS | _MARK_CHARS
 _SPACE_CHARS = frozenset(c for c in map(chr, range(0x80, 0x3001)) if c.isspace())
-_WASTE_CHARS = _FILLER_CHARS | _SPACE_CHARS
 _ASCII_SPACE_CHARS = tuple(c for c in map(chr, range(0x80)) if c.isspace() and c not in " \n")
 
 
@@ -471,25 +473,15 @@ def _prepared(
     return text
 
 
-def bounded(text: str) -> str:
-    """The part of ``text`` that is read: all of it up to ``MAX_CHARS`` characters; of a
-    longer text (only its first ``MAX_SCAN_CHARS``) the first ``MAX_CHARS`` characters after
-    invisible characters and combining marks are dropped (cleaning drops them anyway), white
-    space after a line break (blank lines included) goes and other runs of white space become
-    one space.  So blank lines, spaces, zero-width characters or ``&nbsp;`` at the top of a
-    message cannot push its words out of the window.  Words, sentence ends and lines are
-    unchanged by the squeezing (no step of normalization looks into white space).
-
-    Squeezing costs 0.1-0.25 ms on 50 KB, so a window less than a third of which is white
-    space or characters that show nothing (ordinary text: about a sixth) is taken as it is:
-    padding can then use up at most a third of the window, never hide what follows it.
+def squeezed(text: str) -> str:
+    """The window of a text longer than ``MAX_CHARS`` that holds few words (``FEW_WORDS``):
+    of its first ``MAX_SCAN_CHARS`` characters, the first ``MAX_CHARS`` after invisible
+    characters and combining marks are dropped (cleaning drops them anyway), white space after
+    a line break (blank lines included) goes and other runs of white space become one space.
+    So blank lines, spaces, zero-width characters or ``&nbsp;`` at the top of a message cannot
+    push its words out of the window.  Words, sentence ends and lines are unchanged by the
+    squeezing (no step of normalization looks into white space).
     """
-    if len(text) <= MAX_CHARS:
-        return text
-    window = text[:MAX_CHARS]
-    odd = () if window.isascii() else _non_ascii(window) & _WASTE_CHARS
-    if sum(map(window.count, (" ", "\n", "\r", "\t", *odd))) < MAX_CHARS // 3:
-        return window
     text = text[:MAX_SCAN_CHARS]
     if not text.isascii():
         present = _non_ascii(text)
@@ -508,7 +500,20 @@ def bounded(text: str) -> str:
 def _words(
     text: str, exclude: AbstractSet[bytes], links: list[str] | None, breaks: bool
 ) -> list[bytes]:
-    text = bounded(text)
+    if len(text) > MAX_CHARS:
+        found: list[str] = []
+        words = _window_words(text[:MAX_CHARS], exclude, found, breaks)
+        if len(words) > FEW_WORDS:
+            if links is not None:
+                links.extend(found)
+            return words
+        text = squeezed(text)
+    return _window_words(text, exclude, links, breaks)
+
+
+def _window_words(
+    text: str, exclude: AbstractSet[bytes], links: list[str] | None, breaks: bool
+) -> list[bytes]:
     if "\x01" in text or "\x04" in text or "\x05" in text:  # ours
         text = text.translate(_OURS)
     words = _tokenize(_prepared(text, exclude, links), breaks)
@@ -643,7 +648,15 @@ def body_words(text: str, exclude: AbstractSet[bytes] = frozenset()) -> tuple[by
     limit (:mod:`.cache`).  (The cache only saves
     time: a line's words depend on nothing else.)
     """
-    text = bounded(text)
+    if len(text) > MAX_CHARS:
+        found = _window_body_words(text[:MAX_CHARS], exclude)
+        if found[0].count(b" ") > FEW_WORDS + 1:
+            return found
+        text = squeezed(text)
+    return _window_body_words(text, exclude)
+
+
+def _window_body_words(text: str, exclude: AbstractSet[bytes]) -> tuple[bytes, list[bytes]]:
     if "\x01" in text or "\x04" in text or "\x05" in text:  # ours
         text = text.translate(_OURS)
     values = _LINES.values_of(text.split("\n"), _line_values)

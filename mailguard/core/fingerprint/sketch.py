@@ -54,25 +54,25 @@ body words (big-endian uint16, capped), then the 256 lane bytes (128 big-endian 
 8-byte digest: 260 or 12 bytes.
 
 **Long texts.** Only the first 32,000 characters of visible text count (``MAX_CHARS`` in
-:mod:`.normalize`, counted after invisible characters are dropped and white space squeezed:
-:func:`.normalize.bounded`; 200,000 before VERSION 3), which bounds the
-work on long messages (a 50 KB plain-text message: 0.29 ms instead of 1.5 ms with VERSION 3,
-0.40 ms with VERSION 4's look at the window's white space, 0.76 ms instead of 1.95 with every
-cache cold). 32,000 characters are some 5,000 words, far more shingles than 128
-lanes need, and campaign copies agree on their beginning as much as on their end: on the
-benchmark's texts of 30-115 KB (``loadtest/fingerprint``: campaigns of 200-400 paragraphs,
-newsletter issues that share only their masthead, intro and footer) the quality figures were the
-same with caps of 200,000, 32,000 and 16,000 characters. What it gives an evader: text after the
-cap is not seen, so two messages that agree on their first 32,000 characters match whatever
-follows (which can only make a sender's own long texts count as one campaign), and a hash-buster
-placed at the top needs about a fifth of the window (some 6,500 characters of random visible
-words) to push a copy under the threshold, where without a cap it needs about a quarter of the
-whole text; for texts up to about 25,000 characters that is no cheaper than before, and
-padding that shows nothing does not count: hidden elements are removed before the cap, and
-blank lines, runs of spaces, zero-width characters or ``&nbsp;`` are squeezed out before the
-32,000 characters are taken (VERSION 4; with VERSION 3 a 32 KB run of newlines at the top hid
-the whole body). Texts longer than the old
-cap of 200,000 characters were already cut the same way.
+:mod:`.normalize`; 200,000 before VERSION 3); when they hold 1,000 words or fewer (ordinary
+text: about 5,000), the first 32,000 after invisible characters are dropped and white space
+squeezed (:func:`.normalize.squeezed`). This bounds the work on long messages (a 50 KB
+plain-text message: 0.29 ms instead of 1.5 ms, 0.76 ms instead of 1.95 with every cache cold).
+32,000 characters are some 5,000 words, far more shingles than 128 lanes need, and campaign
+copies agree on their beginning as much as on their end: on the benchmark's texts of 30-115 KB
+(``loadtest/fingerprint``: campaigns of 200-400 paragraphs, newsletter issues that share only
+their masthead, intro and footer) the quality figures were the same with caps of 200,000, 32,000
+and 16,000 characters. What it gives an evader: text after the cap is not seen, so two messages
+that agree on their first 32,000 characters match whatever follows (which can only make a
+sender's own long texts count as one campaign), and a hash-buster placed at the top needs about
+a fifth of the window (some 6,500 characters of random visible words) to push a copy under the
+threshold, where without a cap it needs about a quarter of the whole text; for texts up to about
+25,000 characters that is no cheaper than before, and padding that shows nothing does not count:
+hidden elements are removed before the cap, and a window emptied by blank lines, runs of spaces,
+zero-width characters or ``&nbsp;`` is taken again with them squeezed out (VERSION 5; with
+VERSION 3 a 32 KB run of newlines at the top hid the whole body; such padding can still take up
+to about four fifths of the window). Texts longer than the old cap of 200,000 characters were
+already cut the same way.
 
 **Versions.**  1: the first.  2 (2026-11-23): all text is tokenized by the rules of
 :func:`.normalize.reference_unicode_words` (ASCII text had its own byte path, which differed on
@@ -82,7 +82,9 @@ fingerprints are unchanged bit for bit (1,666 of 2,000 messages of the speed set
 keep 124 or more of their 128 lanes).  3 (2026-11-23): the text cap went from 200,000 to
 32,000 characters (fingerprints of shorter texts unchanged).  4 (2026-11-23): the 32,000
 characters are counted after invisible characters are dropped and white space squeezed
-(fingerprints of texts up to 32,000 characters unchanged).
+(fingerprints of texts up to 32,000 characters unchanged).  5 (2026-11-23): only a window of
+1,000 words or fewer is taken again squeezed (long texts are as in VERSION 3 unless padded;
+VERSION 4 squeezed every window more than a third white space, at 0.1-0.15 ms per 50 KB).
 
 Must never: do I/O, read a clock or the environment, or depend on ``hash()`` (randomized per
 process): fingerprints are stored and compared across processes and machines, so any change
@@ -114,7 +116,7 @@ from mailguard.core.fingerprint.normalize import (
 
 Kind = Literal["sketch", "exact"]
 
-VERSION = 4
+VERSION = 5
 LANES = 128
 BANDS = 32
 ROWS = LANES // BANDS
