@@ -44,11 +44,12 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
 from functools import lru_cache
 from itertools import chain, filterfalse, islice
 from operator import itemgetter
+from typing import TypeVar
 
 from mailguard.core.fingerprint.cache import BoundedCache
 
@@ -497,18 +498,30 @@ def squeezed(text: str) -> str:
     return _SPACE_RUN_RE.sub(" ", text)[:MAX_CHARS]
 
 
+_R = TypeVar("_R")
+
+
+def _windowed(text: str, words_of: Callable[[str], _R], count: Callable[[_R], int]) -> _R:
+    """``words_of`` the part of ``text`` that is read: all of it up to ``MAX_CHARS``
+    characters; of a longer text its first ``MAX_CHARS``, unless ``count`` finds no more than
+    ``FEW_WORDS`` words in them: then the :func:`squeezed` window."""
+    if len(text) <= MAX_CHARS:
+        return words_of(text)
+    found = words_of(text[:MAX_CHARS])
+    return found if count(found) > FEW_WORDS else words_of(squeezed(text))
+
+
 def _words(
     text: str, exclude: AbstractSet[bytes], links: list[str] | None, breaks: bool
 ) -> list[bytes]:
-    if len(text) > MAX_CHARS:
-        found: list[str] = []
-        words = _window_words(text[:MAX_CHARS], exclude, found, breaks)
-        if len(words) > FEW_WORDS:
-            if links is not None:
-                links.extend(found)
-            return words
-        text = squeezed(text)
-    return _window_words(text, exclude, links, breaks)
+    def words_of(window: str) -> tuple[list[bytes], list[str] | None]:
+        found: list[str] | None = None if links is None else []  # None: URL tokens in place
+        return _window_words(window, exclude, found, breaks), found
+
+    words, found = _windowed(text, words_of, lambda result: len(result[0]))
+    if links is not None and found:
+        links.extend(found)
+    return words
 
 
 def _window_words(
@@ -648,12 +661,11 @@ def body_words(text: str, exclude: AbstractSet[bytes] = frozenset()) -> tuple[by
     limit (:mod:`.cache`).  (The cache only saves
     time: a line's words depend on nothing else.)
     """
-    if len(text) > MAX_CHARS:
-        found = _window_body_words(text[:MAX_CHARS], exclude)
-        if found[0].count(b" ") > FEW_WORDS + 1:
-            return found
-        text = squeezed(text)
-    return _window_body_words(text, exclude)
+    return _windowed(
+        text,
+        lambda window: _window_body_words(window, exclude),
+        lambda result: result[0].count(b" ") - 1,  # spaced words: one space more than words
+    )
 
 
 def _window_body_words(text: str, exclude: AbstractSet[bytes]) -> tuple[bytes, list[bytes]]:
