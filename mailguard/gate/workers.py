@@ -135,9 +135,6 @@ class Supervisor:
     embedded: EmbeddedRedis | None = None
     workers: dict[int, _Worker] = field(default_factory=dict)
     _reload_pending: set[int] = field(default_factory=set)
-    _store_failed: bool = False
-    _store_retry_at: float = 0.0
-    _store_backoff: float = 1.0
     _reload_deadline: float = 0.0
     _reloaded_at: float = -1.0
     _everyone_ready: bool = False
@@ -162,10 +159,7 @@ class Supervisor:
         os.set_blocking(report_r, False)
         self._signals: list[int] = []
         old_wakeup = signal.set_wakeup_fd(wake_w)
-        handlers = {
-            sig: signal.signal(sig, self._on_signal)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-        }
+        handlers = {sig: signal.signal(sig, self._on_signal) for sig in _FORWARDED}
         self._fds = (report_r, self._report_w, wake_r, wake_w)
         status = 0
         try:
@@ -292,26 +286,13 @@ class Supervisor:
                 self._spawn(worker)
 
     def _watch_store(self) -> None:
-        """Start the embedded redis-server again if it died (backoff as for workers)."""
-        if self.embedded is None or time.monotonic() < self._store_retry_at:
+        """Start the embedded redis-server again if it died."""
+        if self.embedded is None:
             return
         try:
-            if self._store_failed:
-                self.embedded.start_sync()
-                log.info("embedded redis-server running again (pid %s)", self.embedded.pid)
-            elif self.embedded.restart_if_dead_sync():
-                log.info("embedded redis-server running again (pid %s)", self.embedded.pid)
-        except Exception as exc:  # the store's trouble must not stop the gate
-            log.error(
-                "embedded redis-server did not start (next try in %gs): %s",
-                self._store_backoff,
-                exc,
-            )
-            self._store_failed = True
-            self._store_retry_at = time.monotonic() + self._store_backoff
-            self._store_backoff = min(self._store_backoff * 2, _MAX_BACKOFF)
-        else:
-            self._store_failed, self._store_backoff = False, 1.0
+            self.embedded.restart_if_dead_sync()
+        except Exception:  # the store's trouble must not stop the gate
+            log.exception("embedded redis-server watch")
 
     def _reload(self) -> None:
         config = reload_config(self.path, log)

@@ -155,6 +155,10 @@ class EmbeddedRedis:
         self.lock_path = self.dir / "lock"
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock_fd: int | None = None
+        # Restarts of a child that died (keep_running, restart_if_dead_sync).
+        self._start_failed = False
+        self._retry_at = 0.0
+        self._backoff = _RESTART_BACKOFF[0]
 
     def __repr__(self) -> str:
         return f"EmbeddedRedis({str(self.state_dir)!r}, pid={self.pid})"
@@ -342,8 +346,13 @@ class EmbeddedRedis:
             self._lock_fd = None
         self._proc = None
 
-    def _died(self) -> str | None:
-        """Why a started child is no longer running (None while it runs or was never started)."""
+    def _restart_reason(self) -> str | None:
+        """Why the child must be started again now (None: it runs, was never started, or the
+        wait after a failed start is not over)."""
+        if time.monotonic() < self._retry_at:
+            return None
+        if self._start_failed:
+            return "did not start last time"
         if self._proc is None:
             return None
         status = self._proc.poll()
@@ -351,48 +360,56 @@ class EmbeddedRedis:
             return None
         return f"exited with status {status}" if status >= 0 else f"killed by signal {-status}"
 
-    def restart_if_dead_sync(self) -> bool:
-        """Start the child again if it died; True if it did.  Raises ``EmbeddedRedisError``."""
-        reason = self._died()
-        if reason is None:
-            return False
+    def _restarting(self, reason: str) -> None:
         log.error(
             "embedded redis-server %s; starting it again. Last lines of %s:\n%s",
             reason,
             self.log_path,
             self.log_tail(),
         )
-        self.start_sync()
-        return True
+
+    def _restarted(self, failure: Exception | None) -> bool:
+        """Note how a restart went (waiting 1 s, doubling to 30 s, between failed ones)."""
+        if failure is None:
+            log.info("embedded redis-server running again (pid %s)", self.pid)
+            self._start_failed, self._backoff = False, _RESTART_BACKOFF[0]
+            return True
+        log.error(
+            "embedded redis-server did not start (next try in %gs): %s", self._backoff, failure
+        )
+        self._start_failed = True
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, _RESTART_BACKOFF[1])
+        return False
+
+    def restart_if_dead_sync(self) -> bool:
+        """Start the child again if it died (or a restart failed and its wait is over); True
+        if it is running again.  A failure is logged and tried again later."""
+        reason = self._restart_reason()
+        if reason is None:
+            return False
+        self._restarting(reason)
+        try:
+            self.start_sync()
+        except (EmbeddedRedisError, OSError) as exc:
+            return self._restarted(exc)
+        return self._restarted(None)
 
     async def keep_running(self, interval: float = 1.0) -> None:
-        """Until cancelled: every ``interval`` seconds, start the child again if it died
-        (waiting 1 s, doubling to 30 s, between failed attempts)."""
-        backoff = _RESTART_BACKOFF[0]
+        """Until cancelled: every ``interval`` seconds, ``restart_if_dead_sync`` without
+        blocking the event loop."""
         while True:
             await asyncio.sleep(interval)
-            reason = self._died()
+            reason = self._restart_reason()
             if reason is None:
                 continue
-            log.error(
-                "embedded redis-server %s; starting it again. Last lines of %s:\n%s",
-                reason,
-                self.log_path,
-                self.log_tail(),
-            )
-            while True:
-                try:
-                    await self.start()
-                except (EmbeddedRedisError, OSError) as exc:
-                    log.error(
-                        "embedded redis-server did not start (next try in %gs): %s", backoff, exc
-                    )
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, _RESTART_BACKOFF[1])
-                else:
-                    log.info("embedded redis-server running again (pid %s)", self.pid)
-                    backoff = _RESTART_BACKOFF[0]
-                    break
+            self._restarting(reason)
+            try:
+                await self.start()
+            except (EmbeddedRedisError, OSError) as exc:
+                self._restarted(exc)
+            else:
+                self._restarted(None)
 
     # -- stop ----------------------------------------------------------------------------------
 

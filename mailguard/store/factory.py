@@ -31,7 +31,7 @@ async def open_store(config: StoreConfig, state_dir: Path) -> RedisStore:
     ``ValueError`` if the URL is unusable.
     """
     if config.url != EMBEDDED:
-        return RedisStore(config.url, timeout=config.timeout, key_prefix=config.key_prefix)
+        return attach_store(config, None)
     embedded = EmbeddedRedis(state_dir, config.redis_server)
     await embedded.start()
     watchdog = asyncio.get_running_loop().create_task(embedded.keep_running())
@@ -59,8 +59,9 @@ async def open_store(config: StoreConfig, state_dir: Path) -> RedisStore:
 
 
 def attach_store(config: StoreConfig, url: str | None) -> RedisStore:
-    """The store of a gate worker process: the main process's embedded redis-server at
-    ``url`` (which the worker never stops), or with ``url`` None the configured URL."""
+    """A store on a redis-server this process does not own: ``url`` (e.g. a running
+    embedded redis-server: a gate worker's main process's, or a gate's for an admin command),
+    or with ``url`` None the configured URL."""
     return RedisStore(url or config.url, timeout=config.timeout, key_prefix=config.key_prefix)
 
 
@@ -75,7 +76,7 @@ async def open_admin_store(config: StoreConfig, state_dir: Path) -> RedisStore:
     if config.url == EMBEDDED:
         running = EmbeddedRedis(state_dir, config.redis_server)
         if running.socket_path.exists():
-            attached = RedisStore(running.url, timeout=config.timeout, key_prefix=config.key_prefix)
+            attached = attach_store(config, running.url)
             try:
                 await attached.ping()
             except StoreError:
