@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import hashlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -385,6 +386,27 @@ def _body(target: int, eightbit: bool) -> bytes:
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
 
+FIRST_NAMES = (
+    "Alice", "Bruno", "Chiara", "Dmitri", "Elif", "Farid", "Grace", "Hiroshi", "Ines", "Jonas",
+    "Kamala", "Lars", "Mei", "Nadia", "Oscar", "Priya", "Quentin", "Rosa", "Sven", "Tomasz",
+)  # fmt: skip
+
+
+def personalized(body: bytes, n: int) -> bytes:
+    """``body`` as a mail merge makes it for message ``n``: a greeting with a name, and a
+    reference token and an unsubscribe link of its own before the signature."""
+    name = f"{FIRST_NAMES[n % len(FIRST_NAMES)]} {FIRST_NAMES[(n // 7) % len(FIRST_NAMES)]}son"
+    token = hashlib.blake2b(n.to_bytes(8, "big"), digest_size=8).hexdigest()
+    greeting = f"Hello {name},".encode()
+    tail = (
+        f"Your customer reference is {token[:10].upper()}.\r\n"
+        f"Unsubscribe: https://lists.load.example/u/{token}\r\n"
+    ).encode()
+    _, _, rest = body.partition(b"\r\n")  # the plain greeting
+    main, _, signature = rest.rpartition(b"\r\n-- \r\n")
+    return greeting + b"\r\n" + main + b"\r\n" + tail + b"-- \r\n" + signature
+
+
 def dot_stuff(data: bytes) -> bytes:
     return (b"\r\n" + data).replace(b"\r\n.", b"\r\n..")[2:]
 
@@ -398,6 +420,7 @@ class MessageFactory:
     prefix: str
     eightbit: bool = True
     refuse_every: int = 0  # every Nth message goes to recipients the sink refuses
+    personalize: bool = False  # each message's body is its own (``personalized``)
     _body: bytes = field(init=False)
     _stuffed_body: bytes = field(init=False)
     _digest: str = field(init=False)
@@ -445,6 +468,11 @@ class MessageFactory:
             f"X-Loadtest-Id: {ident}\r\n"
             f"\r\n"
         ).encode()
+        if not self.personalize:
+            return Message(
+                ident, SENDER, rcpts, header + self._stuffed_body, self._digest, self.eightbit
+            )
+        body = personalized(self._body, n)
         return Message(
-            ident, SENDER, rcpts, header + self._stuffed_body, self._digest, self.eightbit
+            ident, SENDER, rcpts, header + dot_stuff(body), body_digest(body), self.eightbit
         )

@@ -336,6 +336,7 @@ async def run_scenario(
         rcpts,
         prefix=f"{run_id}-{target_name}-{size}-{rcpts}",
         refuse_every=args.refuse_every,
+        personalize=args.bodies == "personalized",
     )
     sink.reset()
     driver = Driver(args, factory, host, port)
@@ -593,6 +594,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=("auto", "force", "never"),
         default="auto",
         help="auto: pipeline when the server advertises PIPELINING",
+    )
+    p.add_argument(
+        "--bodies",
+        choices=("same", "personalized"),
+        default="same",
+        help="same: one body for every message; personalized: a mail merge (a name, a token "
+        "and an unsubscribe link of each message's own)",
     )
     p.add_argument("--per-connection", type=int, default=500, help="transactions per connection")
     p.add_argument(
