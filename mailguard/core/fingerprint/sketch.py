@@ -20,7 +20,8 @@ made of word hashes ``h0, h1, h2`` gets the 30-bit value
 once, the word hashes packed into one big integer so that two shifts and additions do the work
 of a loop (:func:`shingle_values`).  One permutation hashing into ``LANES`` (128) bins: the
 top 7 bits of a value choose its bin, each bin keeps its smallest value (one numpy
-``minimum.at`` over the message's values), and the lane stores
+``minimum.at`` over the body's values, cached by the body's normalized words; the subject's,
+links' and attachments' few values are then added one by one), and the lane stores
 bits 7..22 of it (16 bits).  An empty bin borrows the lane of the first non-empty bin in a
 fixed pseudo-random sequence of bins ("optimal densification", Shrivastava 2017), so every
 lane is an unbiased MinHash sample.  The fraction of equal lanes estimates the Jaccard
@@ -89,16 +90,18 @@ VERSION 4 squeezed every window more than a third white space, at 0.1-0.15 ms pe
 Must never: do I/O, read a clock or the environment, or depend on ``hash()`` (randomized per
 process): fingerprints are stored and compared across processes and machines, so any change
 to how they are computed needs a new ``VERSION`` (the tests pin values).  The caches here
-(word hashes, sentence values, masks; the normalizer's lines) only save time and are safe
-under threads.
+(word hashes, sentence values, masks, bodies' bins, densification orders; the normalizer's
+lines) only save time and are safe under threads.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Literal
 
 import numpy as np
@@ -150,6 +153,7 @@ _EMPTY = np.zeros(0, _U32)
 _LANE_DTYPE = np.dtype(">u2")
 
 assert LANES == 1 << (_VALUE_BITS - _BIN_SHIFT)
+assert (_SENTINEL >> _LANE_SHIFT) & _LANE_MASK == 0  # an empty bin's lane is 0
 
 
 def _donor_sequences() -> tuple[tuple[int, ...], ...]:
@@ -174,6 +178,14 @@ _CACHED_WORD = 64
 _SENTENCES: BoundedCache[bytes, bytes] = BoundedCache(1 << 15, 8 << 20, 2000, len)
 # Lane masks for the packed shingle computation, by power-of-two lane count.
 _MASKS: dict[int, int] = {}
+# The bins of bodies (:class:`_Bins`), by their normalized words (``body_words`` output, the
+# recipients' words removed): campaign copies normalize to the same words, so a copy's body
+# costs one dict read.  At most 4,096 bodies of at most 64 KB, about 8 MB in all (.cache).
+_BODIES: BoundedCache[bytes, _Bins] = BoundedCache(1 << 12, 8 << 20, 1 << 16, lambda _: 900)
+# For each set of empty bins met (a bit mask), which bin's lane each lane takes (densified):
+# a campaign's copies fill the same bins.  Emptied when it would pass its limit.
+_DENSE_ORDERS: dict[int, itemgetter[tuple[int, ...]]] = {}
+_DENSE_ORDER_LIMIT = 2048
 
 
 def _word_digest(word: bytes) -> bytes:
@@ -206,9 +218,8 @@ def _packed_hashes(words: list[bytes]) -> bytes:
     return b"".join(parts)  # type: ignore[arg-type]  # no None left
 
 
-def _hash_values(words: list[bytes]) -> list[int]:
-    packed = _packed_hashes(words)
-    return [int.from_bytes(packed[i : i + 8], "little") for i in range(0, len(packed), 8)]
+def _hash_values(words: list[bytes]) -> tuple[int, ...]:
+    return struct.unpack(f"<{len(words)}Q", _packed_hashes(words))
 
 
 def feature_value(hashes: Sequence[int], salt: int = 0) -> int:
@@ -255,10 +266,21 @@ def shingle_values(hashes: Sequence[int]) -> list[int]:
     return _packed_shingle_values(b"".join(h.to_bytes(8, "little") for h in hashes))
 
 
-def _small_values(hashes: Sequence[int], salt: int) -> list[int]:
+def _subject_values(hashes: Sequence[int]) -> list[int]:
+    """``feature_value`` of each run of ``SHINGLE`` subject word hashes (of all of them when
+    fewer), with the subject's salt: the scalar definition, unrolled for 3."""
     if len(hashes) < SHINGLE:
-        return [feature_value(hashes, salt)] if hashes else []
-    return [feature_value(hashes[i : i + SHINGLE], salt) for i in range(len(hashes) - SHINGLE + 1)]
+        return [feature_value(hashes, _SUBJECT_SALT)] if hashes else []
+    salt = _SUBJECT_SALT
+    return [
+        ((salt + first + (second << 1) + (third << 2)) & _MASK64) >> _VALUE_SHIFT
+        for first, second, third in zip(hashes, hashes[1:], hashes[2:], strict=False)
+    ]
+
+
+def _link_values(hashes: Iterable[int]) -> list[int]:
+    """``feature_value([h], _LINK_SALT)`` of each link's word hash."""
+    return [((value + _LINK_SALT) & _MASK64) >> _VALUE_SHIFT for value in hashes]
 
 
 def _attachment_values(digests: Iterable[str]) -> list[int]:
@@ -272,27 +294,87 @@ def _attachment_values(digests: Iterable[str]) -> list[int]:
     return values
 
 
-def _lanes(values: NDArray[np.uint32] | Sequence[int]) -> bytes:
-    """One permutation hashing of feature values into LANES lanes, densified."""
+@dataclass(frozen=True, slots=True)
+class _Bins:
+    """Feature values hashed into the ``LANES`` bins (one permutation hashing), not densified.
+
+    ``smallest``: each bin's smallest value (``_SENTINEL`` when the bin is empty); ``lanes``:
+    each bin's lane (bits 7..22 of its smallest value; 0 for an empty bin); ``empty``: bit
+    ``b`` set when bin ``b`` is empty.  Shared through ``_BODIES``: never mutated.
+    """
+
+    smallest: array[int]  # typecode "I" (unsigned 32-bit)
+    lanes: array[int]  # typecode "H" (unsigned 16-bit)
+    empty: int
+
+
+def _bins(values: NDArray[np.uint32] | Sequence[int]) -> _Bins:
+    """The bins of feature values (each bin's smallest value: one numpy ``minimum.at``)."""
     values = np.asarray(values, _U32)
     smallest = np.full(LANES, _SENTINEL, _U32)
     np.minimum.at(smallest, values >> _BIN_SHIFT, values)  # each bin's smallest value
-    lanes = (smallest >> _LANE_SHIFT) & _LANE_MASK
-    empty = np.flatnonzero(smallest == _SENTINEL).tolist()
+    lanes = ((smallest >> _LANE_SHIFT) & _LANE_MASK).astype(np.uint16)
+    empty = np.packbits(smallest == _SENTINEL, bitorder="little").tobytes()
+    return _Bins(array("I", smallest.tobytes()), array("H", lanes.tobytes()), _bits(empty))
+
+
+def _bits(packed: bytes) -> int:
+    return int.from_bytes(packed, "little")
+
+
+def _with_extra(bins: _Bins, extra: Sequence[int]) -> tuple[Sequence[int], int]:
+    """The lanes and empty-bin mask of ``bins`` with the feature values ``extra`` added."""
+    if not extra:
+        return bins.lanes, bins.empty
+    smallest = bins.smallest
+    lanes = array("H", bins.lanes)  # a copy: bins is shared
+    empty = bins.empty
+    taken: dict[int, int] = {}  # bins the extra values have lowered so far
+    for value in extra:
+        bin_ = value >> _BIN_SHIFT
+        if value < taken.get(bin_, smallest[bin_]):
+            taken[bin_] = value
+            lanes[bin_] = (value >> _LANE_SHIFT) & _LANE_MASK
+    for bin_ in taken:
+        empty &= ~(1 << bin_)
+    return lanes, empty
+
+
+def _densified(lanes: Sequence[int], empty: int) -> bytes:
+    """The 128 lanes in their serialized form, each empty bin taking a donor's lane."""
     if not empty:  # the usual case for bodies of a few hundred words or more
-        return lanes.astype(_LANE_DTYPE).tobytes()
-    filled = lanes.tolist()
-    have = (smallest < _SENTINEL).tolist()
-    dense = filled[:]
-    for lane in empty:  # each takes the lane of its first filled donor bin
+        return _LANE_FORMAT.pack(*lanes)
+    order = _DENSE_ORDERS.get(empty)
+    if order is None:
+        if len(_DENSE_ORDERS) >= _DENSE_ORDER_LIMIT:
+            _DENSE_ORDERS.clear()
+        order = _DENSE_ORDERS[empty] = itemgetter(*_dense_order(empty))
+    return _LANE_FORMAT.pack(*order(lanes))
+
+
+def _dense_order(empty: int) -> list[int]:
+    """For each bin, the bin whose lane it takes: itself when filled, else its first filled
+    donor ("optimal densification", module docstring), else the next filled bin after it, else
+    itself (no bin is filled: every lane is 0)."""
+    have = [not (empty >> bin_) & 1 for bin_ in range(LANES)]
+    order = list(range(LANES))
+    for lane in range(LANES):
+        if have[lane]:
+            continue
         for donor in _DONORS[lane]:
             if have[donor]:
-                dense[lane] = filled[donor]
+                order[lane] = donor
                 break
         else:  # the pseudo-random sequence missed every filled bin: take the next one
             ring = [*range(lane, LANES), *range(lane)]
-            dense[lane] = next((filled[bin_] for bin_ in ring if have[bin_]), 0)
-    return _LANE_FORMAT.pack(*dense)
+            order[lane] = next((bin_ for bin_ in ring if have[bin_]), lane)
+    return order
+
+
+def _lanes(values: NDArray[np.uint32] | Sequence[int]) -> bytes:
+    """One permutation hashing of feature values into LANES lanes, densified."""
+    bins = _bins(values)
+    return _densified(bins.lanes, bins.empty)
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,14 +465,16 @@ def fingerprint_of(extracted: Extracted, recipients: Sequence[str] = ()) -> Fing
         blob += ",".join(sorted(extracted.attachments)).encode("utf-8", "surrogatepass")
         digest = hashlib.blake2b(blob, digest_size=_DIGEST_SIZE, person=b"mg-exact").digest()
         return Fingerprint("exact", digest, words)
-    values = _body_values(spaced)
-    extra = _small_values(_hash_values(subject), _SUBJECT_SALT) if subject else []
-    extra += [feature_value([value], _LINK_SALT) for value in _hash_values(links)]
+    bins = _BODIES.get(spaced)
+    if bins is None:
+        bins = _bins(_body_values(spaced))
+        _BODIES.keep({spaced: bins})
+    extra = _subject_values(_hash_values(subject)) if subject else []
+    if links:
+        extra += _link_values(_hash_values(links))
     if extracted.attachments:
         extra += _attachment_values(extracted.attachments)
-    if extra:
-        values = np.concatenate((values, np.array(extra, _U32)))
-    return Fingerprint("sketch", _lanes(values), min(words, 0xFFFF))
+    return Fingerprint("sketch", _densified(*_with_extra(bins, extra)), min(words, 0xFFFF))
 
 
 def fingerprint(message: bytes, recipients: Sequence[str] = ()) -> Fingerprint:

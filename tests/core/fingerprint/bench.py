@@ -85,16 +85,14 @@ def main() -> None:
     exclude = normalize.encode_terms(
         normalize.recipient_terms((*extracted.names, *extracted.addresses, recipient))
     )
-    words, _ = normalize.words_and_links(extracted.text, exclude, breaks=True)
+    words, _ = normalize.body_words(extracted.text, exclude)
     values = sketch._body_values(words)
     fp = fingerprint(message, [recipient])
     index = ClusterIndex(window=86400.0)
     index.assign(fp, 0.0)
     stages = {
         "mime.extract (incl. html)": lambda: mime.extract(message),
-        "normalize.words_and_links": lambda: normalize.words_and_links(
-            extracted.text, exclude, breaks=True
-        ),
+        "normalize.body_words": lambda: normalize.body_words(extracted.text, exclude),
         "word hashes and shingles": lambda: sketch._body_values(words),
         "one permutation lanes": lambda: sketch._lanes(list(values)),
         "ClusterIndex.assign": lambda: index.assign(fp, 1.0),

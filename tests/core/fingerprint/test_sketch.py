@@ -91,7 +91,8 @@ def test_caches_only_save_time(picks: list[int]) -> None:
         for i in picks
     ]
     warm = [fingerprint(message) for message in letters]
-    for cache in (sketch._WORD_HASHES, sketch._SENTENCES, normalize._LINES):
+    caches = (sketch._WORD_HASHES, sketch._SENTENCES, sketch._BODIES, sketch._DENSE_ORDERS)
+    for cache in (*caches, normalize._LINES):
         cache.clear()
     cold = [fingerprint(message) for message in reversed(letters)]
     assert warm == cold[::-1]
@@ -211,6 +212,34 @@ def test_lanes_are_the_smallest_value_of_each_bin_densified(values: list[int], o
     assert sketch._lanes(many) == _reference_lanes(many)
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(0, 2**30 - 1), max_size=300),
+    st.lists(st.integers(0, 2**30 - 1), max_size=20),
+)
+def test_extra_values_added_to_cached_bins_give_the_lanes_of_all(
+    body: list[int], extra: list[int]
+) -> None:
+    """A body's bins are cached; the subject's, links' and attachments' values are added to
+    them per message: the lanes are those of all the values hashed at once."""
+    bins = sketch._bins(body)
+    assert sketch._densified(*sketch._with_extra(bins, extra)) == _reference_lanes(body + extra)
+    assert sketch._bins(body) == bins  # not changed by adding
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 2**64 - 1), max_size=12))
+def test_subject_and_link_values_follow_the_scalar_definition(hashes: list[int]) -> None:
+    if len(hashes) < 3:
+        expected = [feature_value(hashes, sketch._SUBJECT_SALT)] if hashes else []
+    else:
+        runs = [hashes[i : i + 3] for i in range(len(hashes) - 2)]
+        expected = [feature_value(run, sketch._SUBJECT_SALT) for run in runs]
+    assert sketch._subject_values(hashes) == expected
+    links = [feature_value([value], sketch._LINK_SALT) for value in hashes]
+    assert sketch._link_values(hashes) == links
+
+
 def test_text_beyond_the_cap_does_not_count() -> None:
     from mailguard.core.fingerprint.normalize import MAX_CHARS
 
@@ -265,10 +294,11 @@ def test_the_caches_stay_within_their_limits() -> None:
     for i in range(60):
         lines = "\n".join(f"{junk(rng.randint(5, 150))}." for _ in range(40))
         fingerprint(f"Subject: junk {i}\n\n{lines}\n".encode())
-        for cache in (normalize._LINES, sketch._SENTENCES):
+        for cache in (normalize._LINES, sketch._SENTENCES, sketch._BODIES):
             assert len(cache) <= cache.entries
             assert cache.used <= cache.budget
             assert all(len(key) <= cache.longest for key in cache)
         assert len(sketch._WORD_HASHES) <= sketch._WORD_CACHE_LIMIT
+        assert len(sketch._DENSE_ORDERS) <= sketch._DENSE_ORDER_LIMIT
     assert all(len(x) <= normalize.MAX_CACHED_LINE for x in normalize._LINES)
     assert all(len(w) <= sketch._CACHED_WORD for w in sketch._WORD_HASHES)
