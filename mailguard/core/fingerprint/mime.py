@@ -61,8 +61,16 @@ class Extracted:
 
 _Head = list[tuple[bytes, bytes]]
 
-_HEAD_RE = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\n]*(?:\n[ \t][^\n]*)*(?:\n|\Z))*")
-_FIELD_RE = re.compile(rb"([!-9;-~]+)[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)")
+# A header is a run of lines that each start a field (a name and ":") or continue one (white
+# space first); it ends before the first line that does neither (the blank line, usually).
+_FIELD_START_RE = re.compile(rb"[!-9;-~]+[ \t]*:")
+_HEAD_END_RE = re.compile(rb"\n(?![ \t]|[!-9;-~]+[ \t]*:)")  # starts with its literal: fast
+# Of the fields, only those read here (subject, to, cc, content-*), found from their line
+# starts; a field's value runs to the end of its last continuation line.
+_WANTED = rb"(subject|to|cc|content-(?:type|transfer-encoding|disposition))[ \t]*:"
+_FIELD_VALUE = rb"([^\n]*(?:\n[ \t][^\n]*)*)"
+_FIRST_WANTED_RE = re.compile(_WANTED + _FIELD_VALUE, re.IGNORECASE)
+_NEXT_WANTED_RE = re.compile(rb"\n" + _WANTED + _FIELD_VALUE, re.IGNORECASE)
 # Anchored at ";" (a literal the engine finds fast): linear however long the header is.
 _PARAM_RE = re.compile(r";\s*([^\s=;\"]+)\s*=\s*(\"(?:[^\"\\]|\\.)*\"?|[^;]*)")
 _ENCODED_WORD_RE = re.compile(r"=\?([^?\s]{1,64})\?([bBqQ])\?([^?\s]*)\?=")
@@ -166,10 +174,18 @@ def decode_header(raw: bytes) -> str:
 
 
 def _parse_head(data: bytes) -> tuple[_Head, bytes]:
-    """Header fields and body of an entity (lines end in LF or CRLF)."""
-    match = _HEAD_RE.match(data)
-    end = match.end() if match else 0
-    fields = [(name.lower(), value) for name, value in _FIELD_RE.findall(data, 0, end)]
+    """The header fields read here (``_WANTED``: names in lower case, values raw, in order)
+    and the body of an entity (lines end in LF or CRLF)."""
+    if _FIELD_START_RE.match(data) is None:
+        end = 0
+    else:
+        match = _HEAD_END_RE.search(data)
+        end = match.start() + 1 if match is not None else len(data)
+    first = _FIRST_WANTED_RE.match(data, 0, end)
+    found = _NEXT_WANTED_RE.findall(data, 0, end)
+    if first is not None:
+        found.insert(0, first.groups())
+    fields = [(name.lower(), value) for name, value in found]
     if data.startswith(b"\n", end):
         end += 1
     elif data.startswith(b"\r\n", end):
@@ -360,7 +376,10 @@ def _recipients(values: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     for value in values:
         value = value[:MAX_ADDRESS_HEADER_CHARS]
         addresses.extend(_ADDRESS_RE.findall(value))
-        for chunk in _NAME_SPLIT_RE.split(_ADDRESS_RE.sub(" ", value)):
+        rest = _ADDRESS_RE.sub(" ", value)
+        if not rest.strip(_NAME_JUNK + ",;()"):  # bare addresses: every chunk would strip to ""
+            continue
+        for chunk in _NAME_SPLIT_RE.split(rest):
             name = chunk.strip(_NAME_JUNK)
             if name:
                 names.append(name)

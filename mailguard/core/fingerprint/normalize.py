@@ -712,12 +712,18 @@ def recipient_terms(recipients: Iterable[str]) -> frozenset[str]:
     """
     terms: set[str] = set()
     for item in dict.fromkeys(recipients):  # To and the envelope often repeat an address
-        text = clean(item[:1000])
-        candidates: list[str] = []
-        for match in _LOOSE_EMAIL_RE.finditer(text):
-            local = match.group(1)
-            candidates.append(local)
-            candidates.extend(_LOCAL_SPLIT_RE.split(local))
-        candidates.extend(_WORD_RE.findall(_LOOSE_EMAIL_RE.sub(" ", text)))
-        terms.update(w for w in candidates if len(w) >= 2 and w.isalpha() and w not in _NOT_NAMES)
+        terms.update(_item_terms(item[:1000]))
     return frozenset(terms)
+
+
+@lru_cache(maxsize=4096)
+def _item_terms(item: str) -> tuple[str, ...]:
+    """The :func:`recipient_terms` of one item, cached: a mailing list's addresses recur."""
+    text = clean(item)
+    candidates: list[str] = []
+    for match in _LOOSE_EMAIL_RE.finditer(text):
+        local = match.group(1)
+        candidates.append(local)
+        candidates.extend(_LOCAL_SPLIT_RE.split(local))
+    candidates.extend(_WORD_RE.findall(_LOOSE_EMAIL_RE.sub(" ", text)))
+    return tuple(w for w in candidates if len(w) >= 2 and w.isalpha() and w not in _NOT_NAMES)

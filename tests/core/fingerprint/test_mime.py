@@ -221,3 +221,69 @@ def test_never_raises_on_mime_like_garbage(lines: list[bytes]) -> None:
 
     data = b"\r\n".join(lines)
     assert isinstance(_extract(data), Extracted)
+
+
+def _reference_parse_head(data: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """Header parsing as first written: every field by one pattern, then the wanted ones."""
+    import re
+
+    head = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\n]*(?:\n[ \t][^\n]*)*(?:\n|\Z))*")
+    field = re.compile(rb"([!-9;-~]+)[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)")
+    wanted = {b"subject", b"to", b"cc", b"content-type", b"content-transfer-encoding"}
+    wanted.add(b"content-disposition")
+    match = head.match(data)
+    end = match.end() if match else 0
+    fields = [(name.lower(), value) for name, value in field.findall(data, 0, end)]
+    if data.startswith(b"\n", end):
+        end += 1
+    elif data.startswith(b"\r\n", end):
+        end += 2
+    return [(name, value) for name, value in fields if name in wanted], data[end:]
+
+
+_HEAD_LINES = st.one_of(
+    _LINES,
+    st.tuples(
+        st.sampled_from(["to", "TO", "Cc", "X-To", "Tox", "cc ", "Subject\t", "Content-type", "A"]),
+        st.sampled_from([":", " :", "\t:", "", ";"]),
+        st.sampled_from(["", " x", "x:y", " a@b, c <d@e>", " \r"]),
+    ).map(lambda parts: "".join(parts).encode()),
+    st.sampled_from([b" folded", b"\tfolded: too", b" ", b"\r", b"From x", b":"]),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_HEAD_LINES, max_size=12), st.sampled_from([b"\r\n", b"\n"]), st.booleans())
+def test_header_fields_are_those_of_the_reference_parser(
+    lines: list[bytes], end: bytes, blank: bool
+) -> None:
+    from mailguard.core.fingerprint.mime import _parse_head
+
+    data = end.join(lines) + (end + end + b"body" if blank else b"")
+    assert _parse_head(data) == _reference_parse_head(data)
+
+
+_ADDRESS_PIECES = ["a@b.example", "<x@y.z>", "<", ">", ",", ";", "(", ")", " ", "\t", '"', "'"]
+_ADDRESS_PIECES += [":", "\x0c", "Ann Lee", "\u00e9", "<\n>", "@", "rcpt0@dest0.example"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            st.sampled_from(_ADDRESS_PIECES),
+            max_size=12,
+        ).map("".join),
+        max_size=3,
+    )
+)
+def test_recipient_names_and_addresses_are_those_of_the_reference(values: list[str]) -> None:
+    from mailguard.core.fingerprint.mime import _ADDRESS_RE, _NAME_JUNK, _NAME_SPLIT_RE, _recipients
+
+    names, addresses = [], []
+    for value in values:  # as first written
+        addresses.extend(_ADDRESS_RE.findall(value))
+        for chunk in _NAME_SPLIT_RE.split(_ADDRESS_RE.sub(" ", value)):
+            if chunk.strip(_NAME_JUNK):
+                names.append(chunk.strip(_NAME_JUNK))
+    assert _recipients(values) == (tuple(names), tuple(addresses))
