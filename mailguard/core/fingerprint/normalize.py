@@ -77,6 +77,12 @@ MAX_CACHED_LINE = 1000
 _LINES: BoundedCache[str, tuple[bytes, tuple[str, ...]]] = BoundedCache(
     1 << 15, 16 << 20, MAX_CACHED_LINE, lambda value: len(value[0])
 )
+# The words of whole texts (:func:`_text_words`, before recipients' words are removed) are
+# cached too: copies of a campaign whose text is not personalized repeat it whole.  At most
+# 1,024 texts (windows of at most MAX_CHARS characters), about 8 MB in all.
+_TEXTS: BoundedCache[str, tuple[bytes, tuple[str, ...]]] = BoundedCache(
+    1 << 10, 8 << 20, MAX_CHARS, lambda value: len(value[0]) + sum(map(len, value[1]))
+)
 # Parsed URLs are cached (campaigns repeat their links); the cache only saves time.
 _URL_CACHE: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {}
 _URL_CACHE_LIMIT = 1 << 14
@@ -658,8 +664,9 @@ def body_words(text: str, exclude: AbstractSet[bytes] = frozenset()) -> tuple[by
     the white space after them), so each line's words are computed on their own, before
     recipient words are removed, and cached: copies of a campaign repeat most of their lines.
     Lines longer than ``MAX_CACHED_LINE`` characters are not kept, and the cache has a size
-    limit (:mod:`.cache`).  (The cache only saves
-    time: a line's words depend on nothing else.)
+    limit (:mod:`.cache`).  The words of whole texts are cached as well (``_TEXTS``), for
+    copies whose text is not personalized.  (The caches only save time: a line's words
+    depend on nothing else.)
     """
     return _windowed(
         text,
@@ -669,21 +676,29 @@ def body_words(text: str, exclude: AbstractSet[bytes] = frozenset()) -> tuple[by
 
 
 def _window_body_words(text: str, exclude: AbstractSet[bytes]) -> tuple[bytes, list[bytes]]:
-    if "\x01" in text or "\x04" in text or "\x05" in text:  # ours
-        text = text.translate(_OURS)
-    values = _LINES.values_of(text.split("\n"), _line_values)
-    spaced = b" " + b" ".join(filter(None, map(itemgetter(0), values))) + b" "
-    if spaced == b"  ":
-        spaced = b" "
+    found = _TEXTS.get(text)
+    if found is None:
+        found = _text_words(text)
+        _TEXTS.keep({text: found})
+    spaced, urls = found
     for name in exclude:  # a few C-speed replaces instead of a test per word
         needle = b" " + name + b" "
         while needle in spaced:
             spaced = spaced.replace(needle, b" ")
-    urls = list(chain.from_iterable(map(itemgetter(1), values)))
     if not urls:
         return spaced, []
     names = {x.decode("utf-8", "surrogatepass") for x in exclude} if exclude else frozenset()
     return spaced, [url_token(url, names).encode("utf-8", "surrogatepass") for url in urls]
+
+
+def _text_words(text: str) -> tuple[bytes, tuple[str, ...]]:
+    """The words of a text joined by single spaces, one before the first and one after the
+    last (``BREAK`` at sentence ends, nothing excluded), and its URLs: line by line."""
+    if "\x01" in text or "\x04" in text or "\x05" in text:  # ours
+        text = text.translate(_OURS)
+    values = _LINES.values_of(text.split("\n"), _line_values)
+    spaced = b" ".join([b"", *filter(None, map(itemgetter(0), values)), b""])  # b" " if none
+    return spaced, tuple(chain.from_iterable(map(itemgetter(1), values)))
 
 
 def encode_terms(terms: Iterable[str]) -> frozenset[bytes]:

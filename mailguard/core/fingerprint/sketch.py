@@ -101,7 +101,6 @@ import struct
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from operator import itemgetter
 from typing import Literal
 
 import numpy as np
@@ -184,7 +183,7 @@ _MASKS: dict[int, int] = {}
 _BODIES: BoundedCache[bytes, _Bins] = BoundedCache(1 << 12, 8 << 20, 1 << 16, lambda _: 900)
 # For each set of empty bins met (a bit mask), which bin's lane each lane takes (densified):
 # a campaign's copies fill the same bins.  Emptied when it would pass its limit.
-_DENSE_ORDERS: dict[int, itemgetter[tuple[int, ...]]] = {}
+_DENSE_ORDERS: dict[int, NDArray[np.intp]] = {}
 _DENSE_ORDER_LIMIT = 2048
 
 
@@ -294,40 +293,40 @@ def _attachment_values(digests: Iterable[str]) -> list[int]:
     return values
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class _Bins:
     """Feature values hashed into the ``LANES`` bins (one permutation hashing), not densified.
 
     ``smallest``: each bin's smallest value (``_SENTINEL`` when the bin is empty); ``lanes``:
-    each bin's lane (bits 7..22 of its smallest value; 0 for an empty bin); ``empty``: bit
-    ``b`` set when bin ``b`` is empty.  Shared through ``_BODIES``: never mutated.
+    each bin's lane (bits 7..22 of its smallest value; 0 for an empty bin), big-endian as
+    serialized, read-only; ``empty``: bit ``b`` set when bin ``b`` is empty; ``words``: the
+    body's word count (``Fingerprint.words``, uncapped).  Shared through ``_BODIES``: never
+    mutated.
     """
 
     smallest: array[int]  # typecode "I" (unsigned 32-bit)
-    lanes: array[int]  # typecode "H" (unsigned 16-bit)
+    lanes: NDArray[np.uint16]
     empty: int
+    words: int = 0
 
 
-def _bins(values: NDArray[np.uint32] | Sequence[int]) -> _Bins:
+def _bins(values: NDArray[np.uint32] | Sequence[int], words: int = 0) -> _Bins:
     """The bins of feature values (each bin's smallest value: one numpy ``minimum.at``)."""
     values = np.asarray(values, _U32)
     smallest = np.full(LANES, _SENTINEL, _U32)
     np.minimum.at(smallest, values >> _BIN_SHIFT, values)  # each bin's smallest value
-    lanes = ((smallest >> _LANE_SHIFT) & _LANE_MASK).astype(np.uint16)
+    lanes = ((smallest >> _LANE_SHIFT) & _LANE_MASK).astype(_LANE_DTYPE)
+    lanes.flags.writeable = False
     empty = np.packbits(smallest == _SENTINEL, bitorder="little").tobytes()
-    return _Bins(array("I", smallest.tobytes()), array("H", lanes.tobytes()), _bits(empty))
+    return _Bins(array("I", smallest.tobytes()), lanes, int.from_bytes(empty, "little"), words)
 
 
-def _bits(packed: bytes) -> int:
-    return int.from_bytes(packed, "little")
-
-
-def _with_extra(bins: _Bins, extra: Sequence[int]) -> tuple[Sequence[int], int]:
+def _with_extra(bins: _Bins, extra: Sequence[int]) -> tuple[NDArray[np.uint16], int]:
     """The lanes and empty-bin mask of ``bins`` with the feature values ``extra`` added."""
     if not extra:
         return bins.lanes, bins.empty
     smallest = bins.smallest
-    lanes = array("H", bins.lanes)  # a copy: bins is shared
+    lanes = bins.lanes.copy()  # bins is shared
     empty = bins.empty
     taken: dict[int, int] = {}  # bins the extra values have lowered so far
     for value in extra:
@@ -340,16 +339,17 @@ def _with_extra(bins: _Bins, extra: Sequence[int]) -> tuple[Sequence[int], int]:
     return lanes, empty
 
 
-def _densified(lanes: Sequence[int], empty: int) -> bytes:
-    """The 128 lanes in their serialized form, each empty bin taking a donor's lane."""
+def _densified(lanes: NDArray[np.uint16], empty: int) -> bytes:
+    """The 128 lanes (big-endian) in their serialized form, each empty bin taking a donor's
+    lane."""
     if not empty:  # the usual case for bodies of a few hundred words or more
-        return _LANE_FORMAT.pack(*lanes)
+        return lanes.tobytes()
     order = _DENSE_ORDERS.get(empty)
     if order is None:
         if len(_DENSE_ORDERS) >= _DENSE_ORDER_LIMIT:
             _DENSE_ORDERS.clear()
-        order = _DENSE_ORDERS[empty] = itemgetter(*_dense_order(empty))
-    return _LANE_FORMAT.pack(*order(lanes))
+        order = _DENSE_ORDERS[empty] = np.array(_dense_order(empty), np.intp)
+    return lanes[order].tobytes()
 
 
 def _dense_order(empty: int) -> list[int]:
@@ -457,24 +457,24 @@ def fingerprint_of(extracted: Extracted, recipients: Sequence[str] = ()) -> Fing
     spaced, link_list = body_words(extracted.text, exclude)
     links = sorted(set(link_list))
     subject = encoded_tokens(extracted.subject, exclude)
-    words = spaced.count(b" ") - 1 - spaced.count(BREAK)
-    if words < SHORT_WORDS:
-        body = [w for w in spaced.split() if w != BREAK]
-        blob = b"\x00".join(subject) + b"\x01" + b"\x00".join(body)
-        blob += b"\x01" + b"\x00".join(links) + b"\x01"
-        blob += ",".join(sorted(extracted.attachments)).encode("utf-8", "surrogatepass")
-        digest = hashlib.blake2b(blob, digest_size=_DIGEST_SIZE, person=b"mg-exact").digest()
-        return Fingerprint("exact", digest, words)
-    bins = _BODIES.get(spaced)
+    bins = _BODIES.get(spaced)  # only bodies of SHORT_WORDS words or more are kept
     if bins is None:
-        bins = _bins(_body_values(spaced))
+        words = spaced.count(b" ") - 1 - spaced.count(BREAK)
+        if words < SHORT_WORDS:
+            body = [w for w in spaced.split() if w != BREAK]
+            blob = b"\x00".join(subject) + b"\x01" + b"\x00".join(body)
+            blob += b"\x01" + b"\x00".join(links) + b"\x01"
+            blob += ",".join(sorted(extracted.attachments)).encode("utf-8", "surrogatepass")
+            digest = hashlib.blake2b(blob, digest_size=_DIGEST_SIZE, person=b"mg-exact").digest()
+            return Fingerprint("exact", digest, words)
+        bins = _bins(_body_values(spaced), words)
         _BODIES.keep({spaced: bins})
     extra = _subject_values(_hash_values(subject)) if subject else []
     if links:
         extra += _link_values(_hash_values(links))
     if extracted.attachments:
         extra += _attachment_values(extracted.attachments)
-    return Fingerprint("sketch", _densified(*_with_extra(bins, extra)), min(words, 0xFFFF))
+    return Fingerprint("sketch", _densified(*_with_extra(bins, extra)), min(bins.words, 0xFFFF))
 
 
 def fingerprint(message: bytes, recipients: Sequence[str] = ()) -> Fingerprint:

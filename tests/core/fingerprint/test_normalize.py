@@ -294,11 +294,15 @@ def test_body_words_by_line_equal_the_whole_text(text: str, exclude_john: bool) 
     exclude = frozenset({b"john", b"smith"}) if exclude_john else frozenset()
     words, links = words_and_links(text, exclude, breaks=True)
     n._LINES.clear()
+    n._TEXTS.clear()
     spaced, line_links = n.body_words(text, exclude)
     assert spaced == b" " + b" ".join(words) + b" " if words else spaced == b" "
     assert line_links == links
-    # Cached (the lines of this text, and of another one) gives the same again.
+    # Cached (the lines of this text, and of another one) gives the same again: the whole
+    # text cached, and only its lines.
     n.body_words("unrelated line.\n" + text[::-1], exclude)
+    assert n.body_words(text, exclude) == (spaced, line_links)
+    n._TEXTS.clear()
     assert n.body_words(text, exclude) == (spaced, line_links)
 
 
