@@ -354,3 +354,104 @@ def test_fast_packing_packs_what_redis_py_packs() -> None:
         assert b"".join(fast.pack_command(*args)) == b"".join(plain.pack_command(*args))
     with pytest.raises(DataError):
         fast.pack_command("SET", "k", True)
+
+
+# -- pipelining (one connection, replies in order) --------------------------------------------
+
+
+async def _clients_named_mailguard(raw: Redis) -> int:
+    listing = await raw.execute_command("CLIENT", "LIST")
+    text = listing.decode() if isinstance(listing, bytes) else str(listing)
+    return sum(1 for line in text.splitlines() if " name=mailguard " in f" {line} ")
+
+
+async def test_concurrent_commands_share_one_connection_each_gets_its_reply(
+    redis_url: str,
+) -> None:
+    store = RedisStore(redis_url)
+    raw = Redis.from_url(redis_url)
+    try:
+        values = [f"v{i}" for i in range(300)]
+        replies = await asyncio.gather(*(store.command("echo", "ECHO", v) for v in values))
+        assert replies == [v.encode() for v in values]
+        assert await _clients_named_mailguard(raw) == 1
+        # Error replies go to their own caller, in the middle of a batch.
+        await raw.set("k:str", "x")
+        calls = [
+            store.command("incr", "INCR", "k:str" if i % 3 == 1 else f"k:{i}") for i in range(9)
+        ]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        for i, result in enumerate(results):
+            if i % 3 == 1:
+                assert isinstance(result, StoreError) and "not an integer" in str(result)
+            else:
+                assert result == 1
+    finally:
+        await raw.aclose()
+        await store.close()
+
+
+async def test_a_cancelled_callers_reply_is_dropped_not_given_to_the_next(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    store = RedisStore(redis_url, timeout=5.0)
+    try:
+        assert await store.command("echo", "ECHO", "warm") == b"warm"
+        redis_server.pause()
+        first = asyncio.create_task(store.command("echo", "ECHO", "first"))
+        await asyncio.sleep(0.05)  # written, not answered
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        redis_server.resume()
+        assert await store.command("echo", "ECHO", "second") == b"second"
+        assert await store.command("echo", "ECHO", "third") == b"third"
+    finally:
+        redis_server.resume()
+        await store.close()
+
+
+async def test_a_stalled_connection_is_dropped_and_the_next_call_gets_its_own_reply(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    """A caller that gives up while the oldest command has waited the whole timeout drops the
+    connection (e.g. a half-open TCP connection); late replies on it reach nobody."""
+    store = RedisStore(redis_url, timeout=0.3)
+    try:
+        assert await store.command("echo", "ECHO", "warm") == b"warm"
+        redis_server.pause()
+        for value in ("one", "two"):
+            with pytest.raises(StoreError, match="timed out"):
+                await store.command("echo", "ECHO", value)
+        redis_server.resume()
+        assert await store.command("echo", "ECHO", "three") == b"three"
+    finally:
+        redis_server.resume()
+        await store.close()
+
+
+async def test_a_command_that_may_have_run_is_not_retried(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    """Written, then the connection is lost: the caller gets StoreError; the command is not
+    sent again on a new connection (here: the restarted, empty server never sees it)."""
+    store = RedisStore(redis_url, timeout=5.0)
+    try:
+        assert await store.command("echo", "ECHO", "warm") == b"warm"
+        redis_server.pause()
+        call = asyncio.create_task(store.command("incr", "INCR", "counted"))
+        await asyncio.sleep(0.05)  # written, not read by the server
+        # Killed while frozen (SIGKILL: stop() would let it run the command first), restarted;
+        # all blocking, so the event loop sees the lost connection only afterwards.
+        proc = redis_server._proc
+        assert proc is not None
+        proc.kill()
+        proc.wait()
+        redis_server._proc = None
+        redis_server.start()
+        with pytest.raises(StoreError, match="may have run"):
+            await call
+        assert await store.command("get", "GET", "counted") is None
+        assert await store.command("incr", "INCR", "counted") == 1
+    finally:
+        await store.close()
