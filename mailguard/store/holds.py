@@ -16,10 +16,13 @@ Keys (the customer's hash tag, so ``MGET`` and the script run on Redis Cluster):
 ``mbhold:any`` lives as long as any hold of the customer may: a read that finds it absent
 remembers for ``NONE_CACHE`` seconds (per process) that the customer has no holds, and reads of
 its recipients are skipped meanwhile (most customers never have one; the milter then skips
-even the trip to its event loop, ``none_cached``).  A hold written by this process clears that
-memory at once; one written by another gate or milter is seen here within ``NONE_CACHE``
-seconds.  Until then its RCPTs are relayed and end of DATA decides, as it always does, so the
-delay can only let a held sender's message be judged in full, never refuse anything more.
+even the trip to its event loop, ``none_cached``).  Staleness contract: a hold written by this
+process is honoured by every RCPT read that starts after the write returned (the write clears
+that memory, and a read that ran while a write of this process was in flight is not
+remembered); one written by another gate or milter is honoured at the latest by the reads
+that start ``NONE_CACHE`` seconds after it was written.  Until then its RCPTs are relayed and
+end of DATA decides, as it always does, so the delay can only let a held sender's message be
+judged in full, never refuse anything more.
 
 Sender and recipient are stored as ``counting.recipient_key`` hashes (normalized, lower-cased),
 so no address is stored.  A hold lives until it ends (``PX``), at most ``mailbomb_hold``.
@@ -73,6 +76,11 @@ class MailbombHolds:
         self._hold = store.script(lua_script("mailbomb_hold"))
         self._monotonic = monotonic
         self._none_until: dict[str, float] = {}  # customer -> until when it has no holds
+        # Per customer, hold writes of this process: started so far, and in flight now.  A read
+        # caches "no holds" only if no write was in flight or started while it ran (Redis may
+        # run a concurrent read before the write; the marker it read is then already stale).
+        self._started: dict[str, int] = {}
+        self._in_flight: dict[str, int] = {}
 
     def none_cached(self, customer: str) -> bool:
         """True while this process knows ``customer`` has no holds (see the module docstring);
@@ -114,7 +122,6 @@ class MailbombHolds:
                 keys.mailbomb_prefix + recipient_key(recipient),
             ]
         script_keys.append(self.any_key(customer))
-        self._none_until.pop(customer, None)
         args = [
             _num("now", now),
             _num("hold", hold),
@@ -123,7 +130,18 @@ class MailbombHolds:
             campaign,
             *(str(int(number)) for _, number in refused),
         ]
-        raw = await self.store.run("mailbomb_hold", lambda: self._hold(keys=script_keys, args=args))
+        self._none_until.pop(customer, None)
+        self._started[customer] = self._started.get(customer, 0) + 1
+        self._in_flight[customer] = self._in_flight.get(customer, 0) + 1
+        try:
+            raw = await self.store.run(
+                "mailbomb_hold", lambda: self._hold(keys=script_keys, args=args)
+            )
+        finally:
+            self._in_flight[customer] -= 1
+            if not self._in_flight[customer]:
+                del self._in_flight[customer]
+            self._none_until.pop(customer, None)
         ends = (float(x) for x in raw)
         return tuple(end if end > 0 else None for end in ends)
 
@@ -138,8 +156,11 @@ class MailbombHolds:
             return [None] * len(recipients)
         keys = [self.key(customer, sender, r) for r in recipients]
         started = self._monotonic()
+        quiet = customer not in self._in_flight
+        writes = self._started.get(customer, 0)
         raw = await self.store.command("mailbomb_holds", "MGET", self.any_key(customer), *keys)
         if raw[0] is None:
-            self._none_until[customer] = started + NONE_CACHE
+            if quiet and self._started.get(customer, 0) == writes:
+                self._none_until[customer] = started + NONE_CACHE
             return [None] * len(recipients)
         return [parse_hold(x) for x in raw[1:]]

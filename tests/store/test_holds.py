@@ -4,6 +4,7 @@ reserved, and counted when committed (monitor counts what was sent)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -247,3 +248,37 @@ async def test_no_holds_is_remembered_briefly_and_a_local_hold_clears_it(
         assert 599_000 < ttl <= 600_000
     finally:
         await other_store.close()
+
+
+async def test_no_holds_costs_one_mget_per_cache_period(store: RedisStore, redis_url: str) -> None:
+    """Counted on the server (INFO commandstats): reads of a customer without holds issue one
+    MGET, then none until ``NONE_CACHE`` has passed."""
+    clock = [100.0]
+    holds, cust = MailbombHolds(store, monotonic=lambda: clock[0]), customer()
+    raw = Redis.from_url(redis_url)
+    try:
+        await raw.config_resetstat()
+        for _ in range(50):
+            assert await holds.read(cust, SENDER, [VICTIM, "b@example.org"]) == [None, None]
+            clock[0] += NONE_CACHE / 100
+        assert (await raw.info("commandstats"))["cmdstat_mget"]["calls"] == 1
+        clock[0] += NONE_CACHE
+        assert await holds.read(cust, SENDER, [VICTIM]) == [None]
+        assert (await raw.info("commandstats"))["cmdstat_mget"]["calls"] == 2
+    finally:
+        await raw.aclose()
+
+
+async def test_a_read_concurrent_with_a_local_hold_is_not_remembered(store: RedisStore) -> None:
+    """Redis may run a read before a concurrent hold write of the same process (here: both in
+    one pipelined batch, the read first): its "no holds" must not be remembered."""
+    counter, holds, cust = CampaignCounter(store), MailbombHolds(store), customer()
+    for i in range(10):
+        await commit(counter, cust, [VICTIM], NOW + i)
+    read = asyncio.create_task(holds.read(cust, SENDER, [VICTIM]))
+    await asyncio.sleep(0)  # the read's MGET is queued first
+    assert await hold(holds, cust, NOW + 20) is not None
+    assert await read == [None]  # ran before the hold
+    assert not holds.none_cached(cust)
+    [found] = await holds.read(cust, SENDER, [VICTIM])
+    assert found is not None
