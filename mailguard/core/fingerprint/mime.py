@@ -78,6 +78,7 @@ _ENCODED_WORD_GAP_RE = re.compile(r"(\?=)[ \t\n]+(=\?)")
 _B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _B64_JUNK = bytes(c for c in range(256) if c not in _B64_ALPHABET)
 _ADDRESS_RE = re.compile(r"[^\s<>@,;:\"()\[\]]{1,64}@[^\s<>@,;:\"()\[\]]{1,255}")
+_ADDRESS_SPLIT_RE = re.compile(f"({_ADDRESS_RE.pattern})")  # [rest, address, rest, ...]
 _NAME_SPLIT_RE = re.compile(r"[,;]|<\s*>|\(|\)")
 _NAME_JUNK = " \t\"'<>:"
 _TEXT_TYPES = frozenset({"text/plain", "text/html"})
@@ -375,8 +376,9 @@ def _recipients(values: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     addresses: list[str] = []
     for value in values:
         value = value[:MAX_ADDRESS_HEADER_CHARS]
-        addresses.extend(_ADDRESS_RE.findall(value))
-        rest = _ADDRESS_RE.sub(" ", value)
+        parts = _ADDRESS_SPLIT_RE.split(value)  # one pass for findall and sub
+        addresses.extend(parts[1::2])
+        rest = " ".join(parts[::2])
         if not rest.strip(_NAME_JUNK + ",;()"):  # bare addresses: every chunk would strip to ""
             continue
         for chunk in _NAME_SPLIT_RE.split(rest):
