@@ -286,7 +286,7 @@ class _Link:
         except asyncio.CancelledError:
             self._fail(RedisConnectionError("Connection closed."))
             raise
-        except (RedisError, OSError) as exc:
+        except Exception as exc:  # OSError, a protocol error, ...: the link is out of step
             error = exc if isinstance(exc, RedisConnectionError) else RedisConnectionError(exc)
             self._fail(error)
 
