@@ -44,8 +44,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from functools import lru_cache
 from itertools import chain, filterfalse, islice
 from operator import itemgetter
@@ -80,8 +81,9 @@ _LINES: BoundedCache[str, tuple[bytes, tuple[str, ...]]] = BoundedCache(
 # The words of whole texts (:func:`_text_words`, before recipients' words are removed) are
 # cached too: copies of a campaign whose text is not personalized repeat it whole.  At most
 # 1,024 texts (windows of at most MAX_CHARS characters), about 8 MB in all.
-_TEXTS: BoundedCache[str, tuple[bytes, tuple[str, ...]]] = BoundedCache(
-    1 << 10, 8 << 20, MAX_CHARS, lambda value: len(value[0]) + sum(map(len, value[1]))
+# (Counted: three times the words' length, for their vocabulary, and the URLs.)
+_TEXTS: BoundedCache[str, _TextWords] = BoundedCache(
+    1 << 10, 8 << 20, MAX_CHARS, lambda value: 3 * len(value.spaced) + sum(map(len, value.urls))
 )
 # Parsed URLs are cached (campaigns repeat their links); the cache only saves time.
 _URL_CACHE: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {}
@@ -668,37 +670,71 @@ def body_words(text: str, exclude: AbstractSet[bytes] = frozenset()) -> tuple[by
     copies whose text is not personalized.  (The caches only save time: a line's words
     depend on nothing else.)
     """
-    return _windowed(
-        text,
-        lambda window: _window_body_words(window, exclude),
-        lambda result: result[0].count(b" ") - 1,  # spaced words: one space more than words
+    spaced, links, _ = _windowed(
+        text, lambda window: _window_body_words(window, exclude), itemgetter(2)
     )
+    return spaced, links
 
 
-def _window_body_words(text: str, exclude: AbstractSet[bytes]) -> tuple[bytes, list[bytes]]:
+@dataclass(slots=True)
+class _TextWords:
+    """A text's words joined by single spaces, one before the first and one after the last
+    (``BREAK`` at sentence ends, nothing excluded), how many there are, and its URLs; once
+    the text recurs with recipients' words to remove, its distinct words (``vocabulary``, set
+    once: a thread may compute it again, to the same value)."""
+
+    spaced: bytes
+    count: int
+    urls: tuple[str, ...]
+    vocabulary: frozenset[bytes] | None = None
+
+
+def _window_body_words(text: str, exclude: AbstractSet[bytes]) -> tuple[bytes, list[bytes], int]:
+    """:func:`body_words` of a window, and how many words it has."""
     found = _TEXTS.get(text)
+    present: Collection[bytes] = exclude
     if found is None:
         found = _text_words(text)
         _TEXTS.keep({text: found})
-    spaced, urls = found
-    for name in exclude:  # a few C-speed replaces instead of a test per word
+    else:
+        present = _present(found, exclude)
+    spaced, count = found.spaced, found.count
+    for name in present:  # a few C-speed replaces instead of a test per word
         needle = b" " + name + b" "
         while needle in spaced:
             spaced = spaced.replace(needle, b" ")
-    if not urls:
-        return spaced, []
+    if spaced is not found.spaced:
+        count = spaced.count(b" ") - 1  # spaced words: one space more than words
+    if not found.urls:
+        return spaced, [], count
     names = {x.decode("utf-8", "surrogatepass") for x in exclude} if exclude else frozenset()
-    return spaced, [url_token(url, names).encode("utf-8", "surrogatepass") for url in urls]
+    urls = [url_token(url, names).encode("utf-8", "surrogatepass") for url in found.urls]
+    return spaced, urls, count
 
 
-def _text_words(text: str) -> tuple[bytes, tuple[str, ...]]:
-    """The words of a text joined by single spaces, one before the first and one after the
-    last (``BREAK`` at sentence ends, nothing excluded), and its URLs: line by line."""
+def _present(found: _TextWords, exclude: AbstractSet[bytes]) -> Collection[bytes]:
+    """The words of ``exclude`` that may occur in a cached text: those of its vocabulary,
+    and any that a set lookup cannot decide (empty, or holding white space).
+
+    (The text's words hold no white space and are separated by single spaces, so that
+    ``b" " + w + b" "`` occurs in it exactly when ``w`` is one of its words.)
+    """
+    if not exclude:
+        return exclude
+    if found.vocabulary is None:  # one split instead of a scan of the text per name
+        found.vocabulary = frozenset(found.spaced.split())
+    vocabulary = found.vocabulary
+    return [w for w in exclude if w in vocabulary or w.split() != [w]]
+
+
+def _text_words(text: str) -> _TextWords:
+    """The words and URLs of a text (see :class:`_TextWords`), line by line."""
     if "\x01" in text or "\x04" in text or "\x05" in text:  # ours
         text = text.translate(_OURS)
     values = _LINES.values_of(text.split("\n"), _line_values)
     spaced = b" ".join([b"", *filter(None, map(itemgetter(0), values)), b""])  # b" " if none
-    return spaced, tuple(chain.from_iterable(map(itemgetter(1), values)))
+    urls = tuple(chain.from_iterable(map(itemgetter(1), values)))
+    return _TextWords(spaced, spaced.count(b" ") - 1, urls)
 
 
 def encode_terms(terms: Iterable[str]) -> frozenset[bytes]:

@@ -306,6 +306,50 @@ def test_body_words_by_line_equal_the_whole_text(text: str, exclude_john: bool) 
     assert n.body_words(text, exclude) == (spaced, line_links)
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    _LINES_TEXT,
+    st.lists(
+        st.sampled_from(
+            [
+                b"john",
+                b"smith",
+                b"dear",
+                b"0",
+                b"\x01",
+                b"",
+                b" ",
+                b"john smith",
+                b"now",
+                b"va",
+                b"x\ty",
+            ]
+        ),
+        max_size=4,
+    ),
+)
+def test_words_removed_from_a_cached_text_are_those_removed_from_a_new_one(
+    text: str, names: list[bytes]
+) -> None:
+    exclude = frozenset(names)
+    n._TEXTS.clear()
+    cold = n.body_words(text, exclude)
+    assert n.body_words(text, exclude) == cold  # cached: its vocabulary decides
+    n._TEXTS.clear()
+    n.body_words(text)  # cached without exclusions
+    assert n.body_words(text, exclude) == cold
+
+
+def test_the_window_is_chosen_by_the_words_left_after_recipients_are_removed() -> None:
+    text = "john john " + "w " * 999 + " " * 40_000 + "tail."
+    exclude = frozenset({b"john"})
+    n._TEXTS.clear()
+    cold = n.body_words(text, exclude)
+    assert b"tail" in cold[0]  # 999 words left in the window: squeezed, it reaches the tail
+    assert b"tail" not in n.body_words(text)[0]  # 1,001 words: the window as it is
+    assert n.body_words(text, exclude) == cold
+
+
 _ASCII_WORDS = st.lists(
     st.tuples(
         st.from_regex(r"[a-z]{1,6}|[1-9][0-9]{0,3}|[a-z]{1,3}[1-9][a-z]{0,2}", fullmatch=True),
