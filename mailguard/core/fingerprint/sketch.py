@@ -356,11 +356,9 @@ def _dense_order(empty: int) -> list[int]:
     """For each bin, the bin whose lane it takes: itself when filled, else its first filled
     donor ("optimal densification", module docstring), else the next filled bin after it, else
     itself (no bin is filled: every lane is 0)."""
-    have = [not (empty >> bin_) & 1 for bin_ in range(LANES)]
+    have = [bit == "0" for bit in f"{empty:0{LANES}b}"[::-1]]  # bit b of empty: bin b
     order = list(range(LANES))
-    for lane in range(LANES):
-        if have[lane]:
-            continue
+    for lane in [bin_ for bin_ in order if not have[bin_]]:
         for donor in _DONORS[lane]:
             if have[donor]:
                 order[lane] = donor
