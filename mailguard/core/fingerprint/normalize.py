@@ -43,6 +43,7 @@ version.
 from __future__ import annotations
 
 import re
+import sys
 import unicodedata
 from collections.abc import Callable, Collection, Iterable
 from collections.abc import Set as AbstractSet
@@ -81,9 +82,10 @@ _LINES: BoundedCache[str, tuple[bytes, tuple[str, ...]]] = BoundedCache(
 # The words of whole texts (:func:`_text_words`, before recipients' words are removed) are
 # cached too: copies of a campaign whose text is not personalized repeat it whole.  At most
 # 1,024 texts (windows of at most MAX_CHARS characters), about 8 MB in all.
-# (Counted: three times the words' length, for their vocabulary, and the URLs.)
+# (Counted in bytes: the text beyond one byte per character, three times the words' length,
+# for their vocabulary, and the URLs; see _TextWords.size.)
 _TEXTS: BoundedCache[str, _TextWords] = BoundedCache(
-    1 << 10, 8 << 20, MAX_CHARS, lambda value: 3 * len(value.spaced) + sum(map(len, value.urls))
+    1 << 10, 8 << 20, MAX_CHARS, lambda value: value.size
 )
 # Parsed URLs are cached (campaigns repeat their links); the cache only saves time.
 _URL_CACHE: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {}
@@ -686,6 +688,7 @@ class _TextWords:
     spaced: bytes
     count: int
     urls: tuple[str, ...]
+    size: int = 0  # what it costs beyond its text's length (see _TEXTS)
     vocabulary: frozenset[bytes] | None = None
 
 
@@ -734,7 +737,8 @@ def _text_words(text: str) -> _TextWords:
     values = _LINES.values_of(text.split("\n"), _line_values)
     spaced = b" ".join([b"", *filter(None, map(itemgetter(0), values)), b""])  # b" " if none
     urls = tuple(chain.from_iterable(map(itemgetter(1), values)))
-    return _TextWords(spaced, spaced.count(b" ") - 1, urls)
+    size = 3 * len(spaced) + sum(map(len, urls)) + sys.getsizeof(text) - len(text)
+    return _TextWords(spaced, spaced.count(b" ") - 1, urls, size)
 
 
 def encode_terms(terms: Iterable[str]) -> frozenset[bytes]:
