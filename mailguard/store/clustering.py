@@ -183,7 +183,7 @@ class ClusterStore:
         fails (after a timeout the script may have run; repeating the call returns the same id).
         """
         keys, args = self.script_call(customer, fp, now)
-        raw = await self.store.run("cluster_assign", lambda: self._assign(keys=keys, args=args))
+        raw = await self.store.run_script("cluster_assign", self._assign, keys, args)
         return decode_id(raw[0])
 
     def script_call(

@@ -91,11 +91,21 @@ CAMPAIGN = "camp"
 MAX_RESERVATION_ID = 128
 
 
+_RECIPIENT_KEYS: dict[str, str] = {}  # recipient_key's answers (a few thousand kept)
+_RECIPIENT_CACHE = 8192
+
+
 def recipient_key(recipient: str) -> str:
     """The stored form of a recipient address: a hash of its normalized (lower-case) text."""
-    normalized = recipient.strip().removeprefix("<").removesuffix(">").strip().lower()
-    data = normalized.encode("utf-8", "surrogatepass")
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    found = _RECIPIENT_KEYS.get(recipient)
+    if found is None:
+        normalized = recipient.strip().removeprefix("<").removesuffix(">").strip().lower()
+        data = normalized.encode("utf-8", "surrogatepass")
+        found = hashlib.blake2b(data, digest_size=16).hexdigest()
+        if len(_RECIPIENT_KEYS) >= _RECIPIENT_CACHE:
+            _RECIPIENT_KEYS.clear()
+        _RECIPIENT_KEYS[recipient] = found
+    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,11 +260,13 @@ _KEY_CACHE = 4096  # customers whose campaign key prefix is kept
 
 
 class _CampaignPrefixes:
-    """``customer_key(customer, CAMPAIGN) + ":"`` per customer (building it costs ~10 us)."""
+    """``customer_key(customer, CAMPAIGN) + ":"`` per customer (building it costs ~10 us), and
+    the ``CampaignKeys`` of recent campaigns with a cluster id (every settle needs them)."""
 
     def __init__(self, store: RedisStore) -> None:
         self.store = store
         self._found: dict[str, str] = {}
+        self._campaigns: dict[tuple[str, str], CampaignKeys] = {}
 
     def of(self, customer: str) -> str:
         found = self._found.get(customer)
@@ -267,9 +279,17 @@ class _CampaignPrefixes:
 
     def keys(self, customer: str, campaign: str) -> CampaignKeys:
         """``CampaignKeys.of(store, customer, campaign)``, without escaping a cluster id."""
-        if _PLAIN_ID.fullmatch(campaign):
-            return CampaignKeys.under(self.of(customer) + campaign + ":")
-        return CampaignKeys.of(self.store, customer, campaign)
+        pair = (customer, campaign)
+        found = self._campaigns.get(pair)
+        if found is not None:
+            return found
+        if not _PLAIN_ID.fullmatch(campaign):
+            return CampaignKeys.of(self.store, customer, campaign)
+        found = CampaignKeys.under(self.of(customer) + campaign + ":")
+        if len(self._campaigns) >= _KEY_CACHE:
+            self._campaigns.clear()
+        self._campaigns[pair] = found
+        return found
 
 
 def _num(name: str, value: float) -> str:
@@ -279,44 +299,59 @@ def _num(name: str, value: float) -> str:
     return repr(value)  # shortest text that round-trips: Redis parses back the same double
 
 
-@dataclass(frozen=True, slots=True)
 class _ReserveCall:
-    """One reserve call's arguments, and what its result is parsed with."""
+    """One reserve call's arguments, and what its result is parsed with (a plain class: it is
+    built for every message)."""
 
-    customer: str
-    recipients: Sequence[str]
-    recipient_keys: list[str]  # recipient_key() of each recipient, in the order given
-    unique: list[str]  # distinct recipient keys, in the order reserved
-    args: list[str]  # campaign_reserve.lua's ARGV
-    rid: str
-    now: float
-    params: CountingParams
+    __slots__ = (
+        "args",
+        "customer",
+        "now",
+        "params",
+        "recipient_keys",
+        "recipients",
+        "rid",
+        "unique",
+    )
+
+    def __init__(
+        self,
+        customer: str,
+        recipients: Sequence[str],
+        recipient_keys: list[str],  # recipient_key() of each recipient, in the order given
+        unique: list[str],  # distinct recipient keys, in the order reserved
+        args: list[str],  # campaign_reserve.lua's ARGV
+        rid: str,
+        now: float,
+        params: CountingParams,
+    ) -> None:
+        self.customer = customer
+        self.recipients = recipients
+        self.recipient_keys = recipient_keys
+        self.unique = unique
+        self.args = args
+        self.rid = rid
+        self.now = now
+        self.params = params
 
     def result(self, campaign: str, raw: Sequence[int | bytes]) -> ReserveResult:
-        values = [int(v) for v in raw]
         threshold = self.params.bulk_recipients
         verdicts = _VERDICTS
-        decided = [
-            (
-                verdicts.get(values[3 + 3 * i]) or Verdict(values[3 + 3 * i]),
-                values[4 + 3 * i],
-                values[5 + 3 * i],
-                values[4 + 3 * i] > threshold,
-            )
-            for i in range(len(self.unique))
-        ]
+        decided = []
+        for at in range(3, 3 + 3 * len(self.unique), 3):
+            code, number = int(raw[at]), int(raw[at + 1])
+            verdict = verdicts.get(code) or Verdict(code)
+            decided.append((verdict, number, int(raw[at + 2]), number > threshold))
         if len(self.unique) == len(self.recipients):  # no recipient twice: the same order
-            pairs = zip(self.recipients, self.unique, strict=True)
-            results = tuple(
-                RecipientResult(recipient, rkey, *found)
-                for (recipient, rkey), found in zip(pairs, decided, strict=True)
-            )
+            found = zip(self.recipients, self.unique, decided, strict=True)
+            results = tuple(RecipientResult(r, rkey, *decision) for r, rkey, decision in found)
         else:
             by_key = dict(zip(self.unique, decided, strict=True))
             results = tuple(
                 RecipientResult(recipient, rkey, *by_key[rkey])
                 for recipient, rkey in zip(self.recipients, self.recipient_keys, strict=True)
             )
+        values = (int(raw[0]), int(raw[1]), int(raw[2]))
         reservation = None
         if values[0] == 1:
             reservation = Reservation(
@@ -340,24 +375,30 @@ def _new_reservation_id() -> str:
     return raw.hex()
 
 
-_PARAMS_ARGS: dict[CountingParams, tuple[str, ...]] = {}
+# id(params) -> (params, its ARGV): looked up by identity (hashing the dataclass costs more);
+# the entry keeps ``params`` alive, so its id cannot be reused while it is here.
+_PARAMS_ARGS: dict[int, tuple[CountingParams, tuple[str, ...]]] = {}
 
 
 def _params_args(params: CountingParams) -> tuple[str, ...]:
     """ARGV[3..7] of campaign_reserve.lua for ``params`` (kept: a gate has a few of them)."""
-    found = _PARAMS_ARGS.get(params)
-    if found is None:
-        found = (
-            str(params.bulk_recipients),
-            _num("bulk_window", params.bulk_window),
-            str(params.mailbomb_messages),
-            _num("mailbomb_window", params.mailbomb_window),
-            _num("reservation_ttl", params.reservation_ttl),
-        )
-        if len(_PARAMS_ARGS) >= 256:
-            _PARAMS_ARGS.clear()
-        _PARAMS_ARGS[params] = found
-    return found
+    found = _PARAMS_ARGS.get(id(params))
+    if found is not None and found[0] is params:
+        return found[1]
+    args = (
+        str(params.bulk_recipients),
+        _num("bulk_window", params.bulk_window),
+        str(params.mailbomb_messages),
+        _num("mailbomb_window", params.mailbomb_window),
+        _num("reservation_ttl", params.reservation_ttl),
+    )
+    if len(_PARAMS_ARGS) >= 256:
+        _PARAMS_ARGS.clear()
+    _PARAMS_ARGS[id(params)] = (params, args)
+    return args
+
+
+_MONITORED = {(b, m): str(int(b) + 2 * int(m)) for b in (False, True) for m in (False, True)}
 
 
 def _reserve_call(
@@ -389,7 +430,7 @@ def _reserve_call(
     for rkey, flag in zip(rkeys, flags, strict=True):
         order[rkey] = order.get(rkey, False) or flag
     args = [_num("now", now), rid, *_params_args(params)]
-    args.append(str(int(monitored[0]) + 2 * int(monitored[1])))
+    args.append(_MONITORED.get(monitored) or str(int(monitored[0]) + 2 * int(monitored[1])))
     for rkey, flag in order.items():
         args += [rkey, "1" if flag else "0"]
     return _ReserveCall(customer, recipients, rkeys, list(order), args, rid, now, params)
@@ -428,9 +469,7 @@ class CampaignCounter:
         """
         call = _reserve_call(customer, recipients, now, params, excused, reservation_id, monitored)
         script_keys = self._prefixes.keys(customer, campaign).script_keys(call.unique)
-        raw = await self.store.run(
-            "campaign_reserve", lambda: self._reserve(keys=script_keys, args=call.args)
-        )
+        raw = await self.store.run_script("campaign_reserve", self._reserve, script_keys, call.args)
         return call.result(campaign, raw)
 
     async def settle(self, reservation: Reservation, *, commit: bool, now: float) -> SettleOutcome:
@@ -439,9 +478,7 @@ class CampaignCounter:
         script_keys = keys.script_keys(reservation.recipient_keys)
         args = [_num("now", now), reservation.id, "1" if commit else "0"]
         args += reservation.recipient_keys
-        raw = await self.store.run(
-            "campaign_settle", lambda: self._settle(keys=script_keys, args=args)
-        )
+        raw = await self.store.run_script("campaign_settle", self._settle, script_keys, args)
         return SettleOutcome(int(raw))
 
     async def commit(self, reservation: Reservation, now: float) -> SettleOutcome:
@@ -500,6 +537,6 @@ class CampaignDecider:
         call = _reserve_call(customer, recipients, now, params, excused, reservation_id, monitored)
         keys, assign_args = self.clusters.script_call(customer, fp, now)
         args = [*assign_args, self._prefixes.of(customer), *call.args]
-        raw = await self.store.run("campaign_decide", lambda: self._decide(keys=keys, args=args))
+        raw = await self.store.run_script("campaign_decide", self._decide, keys, args)
         campaign = decode_id(raw[0])
         return campaign, call.result(campaign, raw[2])

@@ -134,9 +134,7 @@ class MailbombHolds:
         self._started[customer] = self._started.get(customer, 0) + 1
         self._in_flight[customer] = self._in_flight.get(customer, 0) + 1
         try:
-            raw = await self.store.run(
-                "mailbomb_hold", lambda: self._hold(keys=script_keys, args=args)
-            )
+            raw = await self.store.run_script("mailbomb_hold", self._hold, script_keys, args)
         finally:
             self._in_flight[customer] -= 1
             if not self._in_flight[customer]:

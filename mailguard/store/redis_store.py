@@ -18,9 +18,12 @@ URLs (``[store] url``), as redis-py parses them::
 ``redis.asyncio.cluster.RedisCluster``; the key layout (``keys``) keeps each script's keys in one
 hash slot.  Other query parameters go to redis-py unchanged.
 
-Timeouts: the socket connect/read timeouts are ``timeout`` and the whole call (retries included)
-is also bounded by ``asyncio.timeout`` (the only bound of a reply on a single server: commands
-and scripts go over the store's own pipelined connection, ``_DirectConnections``).  A call on
+Timeouts: every call fails with ``StoreError`` within ``timeout`` (retries included).  Through
+redis-py (a cluster, and ``run``'s callers) the socket connect/read timeouts are ``timeout`` and
+the call is bounded by ``asyncio.timeout``.  On a single server scripts and commands
+(``run_script``, ``command``) go over the store's own pipelined connection
+(``_DirectConnections``), which bounds them itself: one timer per connection watches the oldest
+unanswered command, and connecting or retrying runs under ``asyncio.timeout``.  A call on
 a single server is retried twice after a few milliseconds only when its command was certainly
 never written (no connection, or one found closed), so the first call after a server restart
 reconnects transparently and a down server is reported within milliseconds; a command that
@@ -201,8 +204,13 @@ class _MayHaveRun(RedisConnectionError):
     """The connection failed after the command was written: it may have run, never retry it."""
 
 
+class _Stalled(_MayHaveRun, RedisTimeoutError):
+    """No reply within the store's timeout: the link was dropped (the command may have run)."""
+
+
 _NO_REPLY = object()  # hiredis.Reader.gets(): no complete reply buffered yet
 _READ_SIZE = 65536
+_TIMER_SLACK = 0.001  # an event loop's timer may fire up to a millisecond early
 
 
 class _Link:
@@ -222,9 +230,13 @@ class _Link:
       ``close``) it is never used again: futures in ``sent`` fail with ``ConnectionError`` (the
       command may have run: never retried), futures not yet written fail with ``_NotSent``
       (retried on a fresh link).
-    * Stall: when a caller gives up while the oldest unanswered command has waited at least
-      ``stall`` seconds (the store's timeout), the server is taken as gone (e.g. a half-open TCP
-      connection) and the link fails, so the next call connects again.
+    * Stall: when the oldest unanswered command has waited ``stall`` seconds (the store's
+      timeout), the server is taken as gone (e.g. a half-open TCP connection) and the link
+      fails, so the next call connects again; the commands in ``sent`` then fail with
+      ``_Stalled`` (a timeout).  One timer per link watches the oldest command (re-armed for
+      the next oldest when it is answered), so every written command is answered or failed
+      within ``stall`` of its write without a timer per command; a caller that gives up while
+      the oldest command has waited ``stall`` fails the link at once too.
     """
 
     def __init__(self, conn: AbstractConnection, stall: float) -> None:
@@ -237,6 +249,7 @@ class _Link:
         self._parser = _hiredis_reader(conn)
         self._sent: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self._queued: list[tuple[bytes, asyncio.Future[Any]]] = []
+        self._watch: asyncio.TimerHandle | None = None  # fires when sent[0] may have stalled
         self._task = self.loop.create_task(self._read_replies())
 
     def submit(self, packed: bytes) -> asyncio.Future[Any]:
@@ -267,6 +280,20 @@ class _Link:
             return
         now = self.loop.time()
         self._sent.extend((future, now) for _, future in batch)
+        if self._watch is None:
+            self._watch = self.loop.call_at(self._sent[0][1] + self.stall, self._check_stall)
+
+    def _check_stall(self) -> None:
+        """The watch timer: fail the link if the oldest unanswered command waited ``stall``,
+        else watch the one that is oldest now."""
+        self._watch = None
+        if not self._sent or self.failed:
+            return
+        due = self._sent[0][1] + self.stall
+        if due <= self.loop.time() + _TIMER_SLACK:
+            self._fail(_Stalled(f"no reply for {self.stall:g}s: connection dropped"))
+        else:
+            self._watch = self.loop.call_at(due, self._check_stall)
 
     async def _read_replies(self) -> None:
         parser, stream, sent = self._parser, self._stream, self._sent
@@ -293,15 +320,19 @@ class _Link:
     def gave_up(self) -> None:
         """A caller stopped waiting for its reply: fail the link if it stalled (see above)."""
         if self._sent and self.loop.time() - self._sent[0][1] >= self.stall:
-            self._fail(RedisTimeoutError(f"no reply for {self.stall:g}s: connection dropped"))
+            self._fail(_Stalled(f"no reply for {self.stall:g}s: connection dropped"))
 
     def _fail(self, exc: RedisConnectionError | RedisTimeoutError) -> None:
         if self.failed:
             return
         self.failed = True
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         sent, self._sent = self._sent, collections.deque()
+        failure = _Stalled if isinstance(exc, _Stalled) else _MayHaveRun
         for future, _ in sent:
-            _fail(future, _MayHaveRun(f"{exc} (the command may have run)"))
+            _fail(future, failure(f"{exc} (the command may have run)"))
         queued, self._queued = self._queued, []
         for _, future in queued:
             _fail(future, _NotSent(str(exc)))
@@ -350,9 +381,10 @@ class _DirectConnections:
     with ``loadtest.run``, 2 KB x 1 recipient, policy enforced, 4 interleaved runs: the gate's
     CPU per message 1.08 -> 0.76 ms, redis-server's 0.27 -> 0.17 ms).  The connection is
     redis-py's own (same class and URL options: TLS, unix sockets, AUTH, db, client name,
-    connect timeout; its handshake), made without a socket read/write timeout: every call runs
-    inside ``RedisStore.run``'s ``asyncio.timeout``.  See ``_Link`` for how no reply can reach
-    the wrong caller.
+    connect timeout; its handshake), made without a socket read/write timeout: ``call`` and
+    ``script`` bound every call by the store's timeout (the link's watch, see ``_Link``, and
+    ``asyncio.timeout`` while connecting or retrying), so ``RedisStore.run_script`` needs no
+    timer per call.  See ``_Link`` for how no reply can reach the wrong caller.
 
     Retries: a command is retried (``_RETRIES`` times, after a few milliseconds, on a fresh
     connection) only when it was certainly never written: the connection could not be made,
@@ -404,12 +436,23 @@ class _DirectConnections:
             self._link = task.result()
 
     async def execute(self, args: tuple[Any, ...]) -> Any:
-        """The reply to one command (``ResponseError`` for an error reply)."""
+        """The reply to one command (``ResponseError`` for an error reply), unbounded in time
+        while it connects (callers bound it: ``RedisStore.run``, or ``call``)."""
+        return await self._execute(self._pack(args))
+
+    def _pack(self, args: tuple[Any, ...]) -> bytes:
         packed = _pack_args(args)
         if packed is None:
             packed = b"".join(self.make().pack_command(*args))
-        attempt = 0
+        return packed
+
+    async def _execute(self, packed: bytes, attempt: int = 0) -> Any:
+        """``execute``; ``attempt`` > 0: a retry (after the backoff) of a command not sent."""
         while True:
+            if attempt:
+                await asyncio.sleep(
+                    min(self._backoff_cap, 0.005 * 2 ** (attempt - 1)) * random.random()
+                )
             try:
                 link = await self.link()
                 future = link.submit(packed)
@@ -425,21 +468,48 @@ class _DirectConnections:
                     if isinstance(exc, _NotSent):
                         raise RedisConnectionError(str(exc)) from exc
                     raise
-            else:
-                if isinstance(reply, RedisError):
-                    raise reply
-                return reply
-            await asyncio.sleep(min(self._backoff_cap, 0.005 * 2**attempt) * random.random())
-            attempt += 1
+                attempt += 1
+                continue
+            if isinstance(reply, RedisError):
+                raise reply
+            return reply
+
+    async def call(self, args: tuple[Any, ...]) -> Any:
+        """``execute`` bounded by the store's timeout (``stall``) without a timer of its own
+        when the link is up: a written command is answered or failed (``_Stalled``, a timeout)
+        within ``stall`` by the link's watch (``_Link``).  Connecting, and retrying a command
+        that was not sent, run under ``asyncio.timeout`` until the same deadline."""
+        packed = self._pack(args)
+        loop = asyncio.get_running_loop()
+        link = self._link
+        if link is None or link.failed or link.loop is not loop:
+            async with asyncio.timeout(self._stall):
+                return await self._execute(packed)
+        start = loop.time()
+        future = link.submit(packed)
+        try:
+            reply = await future
+        except asyncio.CancelledError:
+            link.gave_up()
+            raise
+        except _NotSent:
+            async with asyncio.timeout_at(start + self._stall):
+                return await self._execute(packed, 1)
+        if isinstance(reply, RedisError):
+            raise reply
+        return reply
 
     async def script(self, sha: str, source: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        """EVALSHA, loading the script first if the server does not have it (NOSCRIPT)."""
+        """EVALSHA, loading the script first if the server does not have it (NOSCRIPT); bounded
+        by the store's timeout as a whole (``call``)."""
         command = ("EVALSHA", sha, len(keys), *keys, *args)
+        start = asyncio.get_running_loop().time()
         try:
-            return await self.execute(command)
+            return await self.call(command)
         except NoScriptError:
-            await self.execute(("SCRIPT", "LOAD", source))
-            return await self.execute(command)
+            async with asyncio.timeout_at(start + self._stall):
+                await self.execute(("SCRIPT", "LOAD", source))
+                return await self.execute(command)
 
     async def close(self) -> None:
         self._closed = True
@@ -468,8 +538,10 @@ class RedisStore:
     ) -> None:
         """Connect lazily to ``url``; ``ValueError`` if the URL or prefix is unusable.
 
-        At most ``max_connections`` calls are in flight (per node on a cluster); further calls
-        wait for a free connection within their timeout.  ``on_close`` runs after the
+        At most ``max_connections`` calls made through ``run`` are in flight (per node on a
+        cluster); further calls wait for a free connection within their timeout.  On a single
+        server ``run_script`` and ``command`` pipeline every call on one connection, unbounded
+        in number (the sessions bound them).  ``on_close`` runs after the
         connections are closed (the factory stops an embedded redis-server with it).
         """
         if not timeout > 0:
@@ -541,12 +613,46 @@ class RedisStore:
     async def command(self, operation: str, *args: Any) -> Any:
         """One Redis command (``command("holds", "MGET", k1, k2)``), bounded like every call
         (``StoreError`` on failure or timeout): on a single server over the store's own
-        connections, on a cluster through redis-py (routed by the keys' slot)."""
-        if self._direct is not None:
-            direct = self._direct
-            return await self.run(operation, lambda: direct.execute(args))
-        redis = self.client
-        return await self.run(operation, lambda: redis.execute_command(*args))
+        connection (``run_script``), on a cluster through redis-py (routed by the keys' slot)."""
+        direct = self._direct
+        if direct is None:
+            redis = self.client
+            return await self.run(operation, lambda: redis.execute_command(*args))
+        if self._closed:
+            raise StoreError(f"store {self.url}: {operation}: the store is closed")
+        try:
+            return await direct.call(args)
+        except (TimeoutError, RedisTimeoutError) as exc:
+            raise self._timed_out(operation) from exc
+        except (RedisError, OSError) as exc:
+            raise self._failed(operation, exc) from exc
+
+    async def run_script(
+        self, operation: str, script: LuaScript, keys: Sequence[str], args: Sequence[Any]
+    ) -> Any:
+        """``run(operation, lambda: script(keys=keys, args=args))`` for a script of this store.
+
+        On a single server the call is not wrapped in ``asyncio.timeout`` and the semaphore:
+        the pipelined connection bounds it by the same timeout itself (``_DirectConnections.
+        call``: one timer per connection instead of one per call, about 5 us of CPU per call
+        less) and needs no connection per call in flight.  Failures and timeouts are
+        ``StoreError`` as with ``run``."""
+        if self._direct is None:
+            return await self.run(operation, lambda: script(keys=keys, args=args))
+        if self._closed:
+            raise StoreError(f"store {self.url}: {operation}: the store is closed")
+        try:
+            return await script(keys=keys, args=args)
+        except (TimeoutError, RedisTimeoutError) as exc:
+            raise self._timed_out(operation) from exc
+        except (RedisError, OSError) as exc:
+            raise self._failed(operation, exc) from exc
+
+    def _timed_out(self, operation: str) -> StoreError:
+        return StoreError(f"store {self.url}: {operation} timed out after {self.timeout:g}s")
+
+    def _failed(self, operation: str, exc: BaseException) -> StoreError:
+        return StoreError(f"store {self.url}: {operation} failed: {exc}")
 
     def __repr__(self) -> str:
         return f"RedisStore({self.url!r}{', cluster' if self.cluster else ''})"
@@ -567,11 +673,9 @@ class RedisStore:
                         await self.client.initialize()
                     return await call()
         except (TimeoutError, RedisTimeoutError) as exc:
-            raise StoreError(
-                f"store {self.url}: {operation} timed out after {self.timeout:g}s"
-            ) from exc
+            raise self._timed_out(operation) from exc
         except (RedisError, RedisClusterException, OSError) as exc:
-            raise StoreError(f"store {self.url}: {operation} failed: {exc}") from exc
+            raise self._failed(operation, exc) from exc
 
     async def ping(self) -> None:
         await self.run("ping", self.client.ping)
@@ -579,17 +683,13 @@ class RedisStore:
     async def note_auth_failure(self, client: str, now: float, window: float) -> int:
         key = self.keys.auth_failures(client)
         args = [_float_arg("now", now), _window_arg(window), uuid.uuid4().hex]
-        result = await self.run(
-            "note_auth_failure", lambda: self._auth_failure(keys=[key], args=args)
-        )
+        result = await self.run_script("note_auth_failure", self._auth_failure, [key], args)
         return int(result)
 
     async def auth_failures(self, client: str, now: float, window: float) -> int:
         key = self.keys.auth_failures(client)
         args = [_float_arg("now", now), _window_arg(window)]
-        result = await self.run(
-            "auth_failures", lambda: self._auth_failures_count(keys=[key], args=args)
-        )
+        result = await self.run_script("auth_failures", self._auth_failures_count, [key], args)
         return int(result)
 
     async def close(self) -> None:

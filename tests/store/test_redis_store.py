@@ -455,3 +455,65 @@ async def test_a_command_that_may_have_run_is_not_retried(
         assert await store.command("incr", "INCR", "counted") == 1
     finally:
         await store.close()
+
+
+async def test_a_hung_server_times_out_every_pipelined_call_within_the_timeout(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    """Script calls and commands on a live connection have no timer of their own: the
+    connection's watch fails them all, as timeouts, once the oldest waited the store timeout."""
+    store = RedisStore(redis_url, timeout=0.3)
+    try:
+        assert await store.note_auth_failure(CLIENT, NOW, WINDOW) == 1  # connected
+        redis_server.pause()
+        started = time.monotonic()
+        calls = [store.note_auth_failure(CLIENT, NOW + i, WINDOW) for i in range(20)]
+        calls += [store.command("echo", "ECHO", str(i)) for i in range(20)]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        elapsed = time.monotonic() - started
+        for result in results:
+            assert isinstance(result, StoreError) and "timed out after 0.3s" in str(result)
+        assert 0.25 < elapsed < 1.0
+        redis_server.resume()
+        # A new connection (the timed-out calls had been written: they may have run, 20 here).
+        assert await store.note_auth_failure(CLIENT, NOW + 100, WINDOW) in (2, 22)
+    finally:
+        redis_server.resume()
+        await store.close()
+
+
+async def test_each_call_gets_the_whole_timeout_on_a_busy_connection(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    """The watch follows the oldest unanswered command: a command written after older ones
+    were answered times out ``timeout`` after its own write, not after theirs."""
+    store = RedisStore(redis_url, timeout=0.6)
+    try:
+        assert await store.command("echo", "ECHO", "first") == b"first"  # arms the watch
+        await asyncio.sleep(0.4)
+        redis_server.pause()
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=r"echo timed out after 0\.6s"):
+            await store.command("echo", "ECHO", "second")
+        assert 0.55 < time.monotonic() - started < 1.2
+    finally:
+        redis_server.resume()
+        await store.close()
+
+
+async def test_a_call_while_connecting_to_a_hung_server_times_out(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    """No connection yet: connecting (redis-py's handshake) is bounded by the timeout too."""
+    store = RedisStore(redis_url, timeout=0.3)
+    try:
+        redis_server.pause()
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=r"timed out after 0\.3s"):
+            await store.command("echo", "ECHO", "x")
+        with pytest.raises(StoreError, match=r"timed out after 0\.3s"):
+            await store.note_auth_failure(CLIENT, NOW, WINDOW)
+        assert 0.5 < time.monotonic() - started < 1.5
+    finally:
+        redis_server.resume()
+        await store.close()
