@@ -47,6 +47,16 @@ class BoundedCache(dict[K, V], Generic[K, V]):
         self.update(kept)
         self.used += size
 
+    def keep_one(self, key: K, value: V) -> None:
+        """``keep({key: value})`` without building a mapping (one item per message)."""
+        if len(key) > self.longest:
+            return
+        size = len(key) + self._size(value) + ENTRY_OVERHEAD
+        if len(self) + 1 > self.entries or self.used + size > self.budget:
+            self.clear()
+        self[key] = value
+        self.used += size
+
     def clear(self) -> None:
         super().clear()
         self.used = 0

@@ -698,7 +698,7 @@ def _window_body_words(text: str, exclude: AbstractSet[bytes]) -> tuple[bytes, l
     present: Collection[bytes] = exclude
     if found is None:
         found = _text_words(text)
-        _TEXTS.keep({text: found})
+        _TEXTS.keep_one(text, found)
     else:
         present = _present(found, exclude)
     spaced, count = found.spaced, found.count

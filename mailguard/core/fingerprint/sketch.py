@@ -467,7 +467,7 @@ def fingerprint_of(extracted: Extracted, recipients: Sequence[str] = ()) -> Fing
             digest = hashlib.blake2b(blob, digest_size=_DIGEST_SIZE, person=b"mg-exact").digest()
             return Fingerprint("exact", digest, words)
         bins = _bins(_body_values(spaced), words)
-        _BODIES.keep({spaced: bins})
+        _BODIES.keep_one(spaced, bins)
     extra = _subject_values(_hash_values(subject)) if subject else []
     if links:
         extra += _link_values(_hash_values(links))
