@@ -22,12 +22,24 @@ Timeouts: every call fails with ``StoreError`` within ``timeout`` (retries inclu
 redis-py (a cluster, and ``run``'s callers) the socket connect/read timeouts are ``timeout`` and
 the call is bounded by ``asyncio.timeout``.  On a single server scripts and commands
 (``run_script``, ``command``) go over the store's own pipelined connection
-(``_DirectConnections``), which bounds them itself: one timer per connection watches the oldest
-unanswered command, and connecting or retrying runs under ``asyncio.timeout``.  A call on
-a single server is retried twice after a few milliseconds only when its command was certainly
-never written (no connection, or one found closed), so the first call after a server restart
-reconnects transparently and a down server is reported within milliseconds; a command that
-may have run is never sent again (``StoreError``).  The scripts are replay-safe all the same
+(``_DirectConnections``), which bounds them itself: each command fails as timed out when IT
+has waited ``timeout`` for its reply (one timer per connection, see ``_Link``), so a server
+pause longer than the timeout fails only the calls that waited that long, and the connection
+is kept; it is dropped (and the next call connects again) only when nothing at all was
+received for max(3 x ``timeout``, 5 s) while commands were waiting (half-open TCP, a dead
+server).  Connecting (redis-py's handshake included), and retrying, run under
+``asyncio.timeout``.  The connection speaks RESP2 whatever ``protocol=`` the URL gives (that
+applies to redis-py's own connections only), so no server push can come unasked.
+
+Retries: a call on a single server is retried twice after a few milliseconds only when its
+command was certainly never written (no connection, or one found closed), so a down server is
+reported within milliseconds; a command that may have run is never sent again (``StoreError``
+'... may have run').  After a server restart the next call reconnects without an error if the
+event loop has already seen the old connection close (an idle connection: the next loop
+iteration), or, over a unix socket, also when it has not (the write fails with EPIPE: not
+sent, retried).  Over TCP a call issued in the same loop iteration as the restart became
+visible can be written to the closed connection before its end is read: it then fails with
+'may have run', and the next call reconnects.  The scripts are replay-safe all the same
 (each call carries a unique id: a repeated ``auth_failure`` does not count twice), as the
 cluster client (redis-py) does retry.
 """
@@ -37,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import itertools
 import math
 import random
 import uuid
@@ -62,6 +75,11 @@ from redis.exceptions import (
     RedisError,
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+try:
+    from redis.maint_notifications import MaintNotificationsConfig as _MaintConfig
+except ImportError:  # pragma: no cover - redis-py without maintenance notifications
+    _MaintConfig = None  # type: ignore[assignment,misc]
 
 from mailguard.store.base import StoreError
 from mailguard.store.keys import Keys
@@ -204,13 +222,24 @@ class _MayHaveRun(RedisConnectionError):
     """The connection failed after the command was written: it may have run, never retry it."""
 
 
+class _ConnectTimedOut(RedisConnectionError, RedisTimeoutError):
+    """Connecting took the store's timeout: nothing was sent, a caller with time left retries
+    on a new connection; a timeout (``StoreError`` '... timed out') if it is the last try."""
+
+
+class _TimedOut(_MayHaveRun, RedisTimeoutError):
+    """No reply to this command within the store's timeout (it may still run; the link stays)."""
+
+
 class _Stalled(_MayHaveRun, RedisTimeoutError):
-    """No reply within the store's timeout: the link was dropped (the command may have run)."""
+    """Nothing received for ``dead`` seconds with commands outstanding: the link was dropped."""
 
 
 _NO_REPLY = object()  # hiredis.Reader.gets(): no complete reply buffered yet
+_PUSH: type = getattr(_hiredis, "PushNotification", _NotSent)  # a RESP3 push (never a reply)
 _READ_SIZE = 65536
 _TIMER_SLACK = 0.001  # an event loop's timer may fire up to a millisecond early
+_DEAD_MIN = 5.0  # a link is dead after max(3 x the store timeout, this) with nothing received
 
 
 class _Link:
@@ -222,39 +251,50 @@ class _Link:
     the n-th reply read is the n-th command's.  Invariants:
 
     * ``sent`` holds a future per command written and not yet answered, oldest first; a reply
-      always goes to ``sent``'s head, and a future is only ever resolved by its own reply or by
-      the link failing.  A caller that gives up (timeout, cancellation) leaves its future in
-      place, cancelled: its reply is still read, then dropped.  Nothing else is ever read.
+      always goes to ``sent``'s head, and a future is only ever resolved by its own reply, by
+      its own timeout, or by the link failing.  A caller that gives up (its timeout,
+      cancellation) leaves its entry in place: its reply is still read, then dropped.  RESP3
+      push messages (the link speaks RESP2, but a command such as ``HELLO 3`` could switch
+      it) are skipped: they never take a command's reply.  Nothing else is ever read.
     * A command whose caller gave up before its batch was written is not written at all.
-    * When the link fails (connection lost, protocol error, an unexpected reply, a stall, or
+    * When the link fails (connection lost, protocol error, an unexpected reply, ``dead``, or
       ``close``) it is never used again: futures in ``sent`` fail with ``ConnectionError`` (the
       command may have run: never retried), futures not yet written fail with ``_NotSent``
       (retried on a fresh link).
-    * Stall: when the oldest unanswered command has waited ``stall`` seconds (the store's
-      timeout), the server is taken as gone (e.g. a half-open TCP connection) and the link
-      fails, so the next call connects again; the commands in ``sent`` then fail with
-      ``_Stalled`` (a timeout).  One timer per link watches the oldest command (re-armed for
-      the next oldest when it is answered), so every written command is answered or failed
-      within ``stall`` of its write without a timer per command; a caller that gives up while
-      the oldest command has waited ``stall`` fails the link at once too.
+
+    Timeouts (one timer per link, no timer per command): each command's future fails with
+    ``_TimedOut`` (a timeout: ``StoreError`` '... timed out') once it has waited ``stall``
+    seconds (the store's timeout) after its write; its entry stays in ``sent``, so its late
+    reply is read and dropped, and later commands keep waiting for their own replies, each
+    until its own deadline.  A server pause longer than the timeout (another client's slow
+    script, a fork or fsync stall) so fails only the commands that really waited that long.
+    The link itself is dropped (``_Stalled`` for what is left in ``sent``; the next call
+    connects again) only when some command has timed out and nothing at all has been received
+    for ``dead`` seconds (``max(3 x stall, _DEAD_MIN)``): a half-open TCP connection or a dead
+    server.  The timer is set for the oldest command not yet timed out (or the dead deadline)
+    and re-set when it fires.  An idle half-open TCP link is found by redis-py's TCP keepalive
+    (on by default: 30 s idle, 3 probes 5 s apart) or by the first commands sent on it.
     """
 
-    def __init__(self, conn: AbstractConnection, stall: float) -> None:
+    def __init__(self, conn: AbstractConnection, stall: float, dead: float) -> None:
         self.conn = conn
         self.loop = asyncio.get_running_loop()
         self.stall = stall
+        self.dead = dead
         self.failed = False
         self._stream: asyncio.StreamReader = conn._reader  # type: ignore[assignment]
         self._writer: asyncio.StreamWriter = conn._writer  # type: ignore[assignment]
         self._parser = _hiredis_reader(conn)
         self._sent: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        self._expired = 0  # the oldest entries of sent whose commands timed out (see above)
+        self._last_read = self.loop.time()
         self._queued: list[tuple[bytes, asyncio.Future[Any]]] = []
-        self._watch: asyncio.TimerHandle | None = None  # fires when sent[0] may have stalled
+        self._watch: asyncio.TimerHandle | None = None  # None only while sent is empty
         self._task = self.loop.create_task(self._read_replies())
 
     def submit(self, packed: bytes) -> asyncio.Future[Any]:
         """Queue one packed command; the future gets its reply (a ``ResponseError`` instance
-        for an error reply), or the exception that ended the link."""
+        for an error reply), ``_TimedOut``, or the exception that ended the link."""
         future = self.loop.create_future()
         if not self._queued:
             self.loop.call_soon(self._flush)
@@ -280,47 +320,70 @@ class _Link:
             return
         now = self.loop.time()
         self._sent.extend((future, now) for _, future in batch)
-        if self._watch is None:
-            self._watch = self.loop.call_at(self._sent[0][1] + self.stall, self._check_stall)
+        # The timer is set for an older command's deadline, unless nothing was outstanding or
+        # only timed-out commands were (it is then set for the dead deadline, maybe later).
+        due, watch = now + self.stall, self._watch
+        if watch is None or watch.when() > due:
+            if watch is not None:
+                watch.cancel()
+            self._watch = self.loop.call_at(due, self._check)
 
-    def _check_stall(self) -> None:
-        """The watch timer: fail the link if the oldest unanswered command waited ``stall``,
-        else watch the one that is oldest now."""
+    def _check(self) -> None:
+        """The watch timer: time out the commands that waited ``stall``, drop the link if it is
+        dead, and set the timer for the next of these deadlines."""
         self._watch = None
-        if not self._sent or self.failed:
+        sent = self._sent
+        if self.failed or not sent:
             return
-        due = self._sent[0][1] + self.stall
-        if due <= self.loop.time() + _TIMER_SLACK:
-            self._fail(_Stalled(f"no reply for {self.stall:g}s: connection dropped"))
-        else:
-            self._watch = self.loop.call_at(due, self._check_stall)
+        now = self.loop.time() + _TIMER_SLACK
+        stall = self.stall
+        expired = self._expired
+        due: float | None = None
+        for future, written in itertools.islice(sent, expired, None):
+            if written + stall > now:
+                due = written + stall
+                break
+            expired += 1
+            if not future.done():
+                future.set_exception(_TimedOut(f"no reply within {stall:g}s"))
+        self._expired = expired
+        if expired:  # timed-out commands still wait for their replies: is anything coming?
+            dead_at = max(self._last_read, sent[0][1]) + self.dead
+            if dead_at <= now:
+                self._fail(_Stalled(f"nothing received for {self.dead:g}s: connection dropped"))
+                return
+            if due is None or dead_at < due:
+                due = dead_at
+        assert due is not None
+        self._watch = self.loop.call_at(due, self._check)
 
     async def _read_replies(self) -> None:
         parser, stream, sent = self._parser, self._stream, self._sent
-        gets = parser.gets
+        gets, popleft, clock, push = parser.gets, sent.popleft, self.loop.time, _PUSH
         try:
             while True:
                 data = await stream.read(_READ_SIZE)
                 if not data:
                     raise RedisConnectionError("Connection closed by server.")
+                self._last_read = clock()
                 parser.feed(data)
+                waiting = len(sent)
                 while (reply := gets()) is not _NO_REPLY:
+                    if type(reply) is push:  # RESP3 out-of-band data: no command's reply
+                        continue
                     if not sent:
                         raise RedisConnectionError("a reply to no command: connection dropped")
-                    future, _ = sent.popleft()
+                    future, _ = popleft()
                     if not future.done():
                         future.set_result(reply)
+                if self._expired:  # the oldest answered first: timed-out ones among them
+                    self._expired = max(0, self._expired - (waiting - len(sent)))
         except asyncio.CancelledError:
             self._fail(RedisConnectionError("Connection closed."))
             raise
         except Exception as exc:  # OSError, a protocol error, ...: the link is out of step
             error = exc if isinstance(exc, RedisConnectionError) else RedisConnectionError(exc)
             self._fail(error)
-
-    def gave_up(self) -> None:
-        """A caller stopped waiting for its reply: fail the link if it stalled (see above)."""
-        if self._sent and self.loop.time() - self._sent[0][1] >= self.stall:
-            self._fail(_Stalled(f"no reply for {self.stall:g}s: connection dropped"))
 
     def _fail(self, exc: RedisConnectionError | RedisTimeoutError) -> None:
         if self.failed:
@@ -330,6 +393,7 @@ class _Link:
             self._watch.cancel()
             self._watch = None
         sent, self._sent = self._sent, collections.deque()
+        self._expired = 0
         failure = _Stalled if isinstance(exc, _Stalled) else _MayHaveRun
         for future, _ in sent:
             _fail(future, failure(f"{exc} (the command may have run)"))
@@ -341,6 +405,10 @@ class _Link:
         self._writer.transport.abort()  # nothing more is written or read on it
         # redis-py's own bookkeeping: the connection is not connected any more
         self.conn._close()  # type: ignore[no-untyped-call]
+
+    def abort(self, reason: str) -> None:
+        """Fail the link now (see ``_fail``): the socket is closed at once."""
+        self._fail(RedisConnectionError(reason))
 
     async def close(self) -> None:
         self._fail(RedisConnectionError("the store is closed"))
@@ -381,24 +449,39 @@ class _DirectConnections:
     with ``loadtest.run``, 2 KB x 1 recipient, policy enforced, 4 interleaved runs: the gate's
     CPU per message 1.08 -> 0.76 ms, redis-server's 0.27 -> 0.17 ms).  The connection is
     redis-py's own (same class and URL options: TLS, unix sockets, AUTH, db, client name,
-    connect timeout; its handshake), made without a socket read/write timeout: ``call`` and
+    connect timeout, TCP keepalive; its handshake) but always RESP2 and without redis-py's
+    maintenance notifications, made without a socket read/write timeout: ``call`` and
     ``script`` bound every call by the store's timeout (the link's watch, see ``_Link``, and
-    ``asyncio.timeout`` while connecting or retrying), so ``RedisStore.run_script`` needs no
-    timer per call.  See ``_Link`` for how no reply can reach the wrong caller.
+    ``asyncio.timeout`` while retrying), and the connect is bounded by the same timeout (a
+    handshake that is never answered fails the calls waiting on it, the next call connects
+    anew), so ``RedisStore.run_script`` needs no timer per call.  See ``_Link`` for how no
+    reply can reach the wrong caller, and when a link is given up.
 
     Retries: a command is retried (``_RETRIES`` times, after a few milliseconds, on a fresh
     connection) only when it was certainly never written: the connection could not be made,
     or it was found closed before or by the write.  A command written on a connection that
     then failed may have run, so it is never repeated (``ConnectionError``, ``StoreError`` for
     the caller).  A connection that the server closed while idle (e.g. a restart) is noticed by
-    the reader task, so the next call connects again without an error.
+    the reader task, so the next call connects again without an error (see the module
+    docstring for the one loop iteration in which that is not so over TCP).  A connect that
+    takes the timeout is not sent anything: a caller with time left retries on a new one.
+
+    ``close`` during a connect: the callers waiting on it get ``StoreError`` (closed), and a
+    connection that completes as the store closes is closed, not kept.
     """
 
     def __init__(self, pool: Any, backoff_cap: float, stall: float = 2.0) -> None:
         self._class = pool.connection_class
-        self._kwargs = {**pool.connection_kwargs, "socket_timeout": None}
+        # RESP2 whatever the URL says (``?protocol=3``): no server push can come unasked (such
+        # as redis-py's maintenance notifications, on by default for RESP3 over TCP), and the
+        # scripts' replies have the shapes their parsers expect.
+        self._kwargs = {**pool.connection_kwargs, "socket_timeout": None, "protocol": 2}
+        if "maint_notifications_config" in self._kwargs and _MaintConfig is not None:
+            self._kwargs["maint_notifications_config"] = _MaintConfig(enabled=False)
+            self._kwargs["maint_notifications_pool_handler"] = None
         self._backoff_cap = backoff_cap
         self._stall = stall
+        self._dead = max(3 * stall, _DEAD_MIN)
         self._link: _Link | None = None
         self._connecting: asyncio.Task[_Link] | None = None
         self._closed = False
@@ -407,13 +490,20 @@ class _DirectConnections:
         return self._class(**self._kwargs)  # type: ignore[no-any-return]
 
     async def _new_link(self) -> _Link:
+        """A connected link; redis-py's whole connect (TCP or unix connect, TLS, and its
+        handshake: HELLO/AUTH, CLIENT SETNAME, SELECT) bounded by the store's timeout, so a
+        handshake that is never answered cannot hold up the calls that come after it."""
         conn = self.make()
         try:
-            await conn.connect()  # type: ignore[no-untyped-call]
+            async with asyncio.timeout(self._stall):
+                await conn.connect()  # type: ignore[no-untyped-call]
+        except TimeoutError as exc:
+            await conn.disconnect(nowait=True)
+            raise _ConnectTimedOut(f"connecting timed out after {self._stall:g}s") from exc
         except BaseException:
             await conn.disconnect(nowait=True)
             raise
-        return _Link(conn, self._stall)
+        return _Link(conn, self._stall, self._dead)
 
     async def link(self) -> _Link:
         """The live link of this event loop, connecting one if there is none (one connect at a
@@ -427,13 +517,25 @@ class _DirectConnections:
         if connecting is None or connecting.get_loop() is not asyncio.get_running_loop():
             connecting = self._connecting = asyncio.get_running_loop().create_task(self._new_link())
             connecting.add_done_callback(self._connected)
-        return await asyncio.shield(connecting)
+        try:
+            return await asyncio.shield(connecting)
+        except asyncio.CancelledError:
+            # The shared connect was cancelled (``close``), not this caller: a store error.
+            task = asyncio.current_task()
+            if connecting.cancelled() and task is not None and not task.cancelling():
+                raise RedisConnectionError("the store is closed") from None
+            raise
 
     def _connected(self, task: asyncio.Task[_Link]) -> None:
         if self._connecting is task:
             self._connecting = None
-        if not task.cancelled() and task.exception() is None:
-            self._link = task.result()
+        if task.cancelled() or task.exception() is not None:
+            return
+        link = task.result()
+        if self._closed:  # closed while this connect finished: do not keep it open
+            link.abort("the store is closed")
+        else:
+            self._link = link
 
     async def execute(self, args: tuple[Any, ...]) -> Any:
         """The reply to one command (``ResponseError`` for an error reply), unbounded in time
@@ -454,13 +556,7 @@ class _DirectConnections:
                     min(self._backoff_cap, 0.005 * 2 ** (attempt - 1)) * random.random()
                 )
             try:
-                link = await self.link()
-                future = link.submit(packed)
-                try:
-                    reply = await future
-                except asyncio.CancelledError:
-                    link.gave_up()
-                    raise
+                reply = await (await self.link()).submit(packed)
             except _MayHaveRun:
                 raise
             except (_NotSent, RedisConnectionError, OSError) as exc:
@@ -476,9 +572,10 @@ class _DirectConnections:
 
     async def call(self, args: tuple[Any, ...]) -> Any:
         """``execute`` bounded by the store's timeout (``stall``) without a timer of its own
-        when the link is up: a written command is answered or failed (``_Stalled``, a timeout)
-        within ``stall`` by the link's watch (``_Link``).  Connecting, and retrying a command
-        that was not sent, run under ``asyncio.timeout`` until the same deadline."""
+        when the link is up: a written command is answered, or failed as timed out
+        (``_TimedOut``) once it waited ``stall``, by the link's watch (``_Link``).  Connecting,
+        and retrying a command that was not sent, run under ``asyncio.timeout`` until the same
+        deadline."""
         packed = self._pack(args)
         loop = asyncio.get_running_loop()
         link = self._link
@@ -486,12 +583,8 @@ class _DirectConnections:
             async with asyncio.timeout(self._stall):
                 return await self._execute(packed)
         start = loop.time()
-        future = link.submit(packed)
         try:
-            reply = await future
-        except asyncio.CancelledError:
-            link.gave_up()
-            raise
+            reply = await link.submit(packed)
         except _NotSent:
             async with asyncio.timeout_at(start + self._stall):
                 return await self._execute(packed, 1)

@@ -6,6 +6,7 @@ Time is injected: no test sleeps to move a window.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from mailguard.config.schema import StoreConfig
+from mailguard.store import redis_store
 from mailguard.store.base import Store, StoreError
 from mailguard.store.factory import open_store
 from mailguard.store.keys import Keys
@@ -206,16 +208,20 @@ async def test_hung_server_times_out(redis_server: RedisServer, redis_url: str) 
 
 
 async def test_recovers_after_restart(redis_server: RedisServer, redis_url: str) -> None:
+    """On the store's own connection (``command``, scripts), over a unix socket: a restart
+    the event loop has not noticed yet makes the write fail (EPIPE), so the command was not
+    sent and is retried on a new connection.  (Over TCP the write to the closed connection
+    succeeds and the call fails with 'may have run'; see the module docstring.)"""
     store = RedisStore(redis_url, timeout=1.0)
     try:
         assert await store.note_auth_failure(CLIENT, NOW, WINDOW) == 1
         redis_server.stop()
-        with pytest.raises(StoreError):
-            await store.ping()
+        with pytest.raises(StoreError, match="failed"):
+            await store.command("ping", "PING")
         redis_server.start()
-        await store.ping()
-        # A restart between two calls: the pooled connection is stale and the script cache
-        # empty; the first call still succeeds (reconnect and reload, no error surfaces).
+        assert await store.command("ping", "PING") == b"PONG"
+        # A restart between two calls: the connection is stale and the script cache empty;
+        # the first call still succeeds (reconnect and reload, no error surfaces).
         redis_server.stop()
         redis_server.start()
         assert await store.note_auth_failure(CLIENT, NOW, WINDOW) == 1
@@ -411,22 +417,85 @@ async def test_a_cancelled_callers_reply_is_dropped_not_given_to_the_next(
         await store.close()
 
 
-async def test_a_stalled_connection_is_dropped_and_the_next_call_gets_its_own_reply(
-    redis_server: RedisServer, redis_url: str
+async def test_a_dead_connection_is_dropped_and_the_next_call_gets_a_new_one(
+    redis_server: RedisServer, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A caller that gives up while the oldest command has waited the whole timeout drops the
-    connection (e.g. a half-open TCP connection); late replies on it reach nobody."""
-    store = RedisStore(redis_url, timeout=0.3)
+    """Calls time out one by one while the server is frozen; once nothing at all was received
+    for ``dead`` (max(3 x timeout, _DEAD_MIN); the minimum lowered here) the connection is
+    dropped: after the server resumes, calls go over a new connection (another client id),
+    and the old one is gone from the server."""
+    monkeypatch.setattr(redis_store, "_DEAD_MIN", 0.0)
+    store = RedisStore(redis_url, timeout=0.3)  # dead after 0.9 s
+    raw = Redis.from_url(redis_url)
     try:
-        assert await store.command("echo", "ECHO", "warm") == b"warm"
+        old_id = await store.command("id", "CLIENT", "ID")
         redis_server.pause()
         for value in ("one", "two"):
-            with pytest.raises(StoreError, match="timed out"):
+            started = time.monotonic()
+            with pytest.raises(StoreError, match=r"echo timed out after 0\.3s"):
                 await store.command("echo", "ECHO", value)
+            assert 0.25 < time.monotonic() - started < 0.5  # its own timeout, no drop yet
+        await asyncio.sleep(0.6)  # nothing received for 0.9 s since "one" was written
         redis_server.resume()
         assert await store.command("echo", "ECHO", "three") == b"three"
+        new_id = await store.command("id", "CLIENT", "ID")
+        assert new_id != old_id
+        ids = [int(c["id"]) for c in await raw.client_list() if c.get("name") == "mailguard"]
+        assert ids == [new_id]
     finally:
         redis_server.resume()
+        await raw.aclose()
+        await store.close()
+
+
+async def test_a_server_pause_fails_only_the_calls_that_waited_the_timeout(
+    redis_url: str,
+) -> None:
+    """Another client's script keeps the server busy 1 s; store timeout 0.6 s; a call every
+    25 ms.  A call fails ("timed out") only when ITS command waited 0.6 s: the calls issued
+    in the last 0.45 s of the pause get their own replies when it ends, on the same
+    connection (the timed-out commands' late replies are read and dropped)."""
+    busy = (
+        "local s = redis.call('TIME') local t0 = s[1] * 1e6 + s[2] while true do"
+        " local n = redis.call('TIME') if n[1] * 1e6 + n[2] - t0 > 1e6 then break end end"
+        " return 1"
+    )
+    store = RedisStore(redis_url, timeout=0.6)
+    raw = Redis.from_url(redis_url)
+    try:
+        link_id = await store.command("id", "CLIENT", "ID")
+        running = asyncio.create_task(raw.eval(busy, 0))
+        await asyncio.sleep(0.02)  # the script runs from before t0 to before t0 + 1 s
+        t0 = time.monotonic()
+
+        async def call(i: int) -> tuple[float, object]:
+            await asyncio.sleep(i * 0.025)
+            issued = time.monotonic() - t0
+            try:
+                return issued, await store.command("echo", "ECHO", str(i))
+            except StoreError as exc:
+                return issued, exc
+
+        results = await asyncio.gather(*(call(i) for i in range(40)))
+        assert await running == 1
+        first = results[0][1]
+        assert isinstance(first, StoreError) and "timed out after 0.6s" in str(first)
+        late = [(i, got) for i, (issued, got) in enumerate(results) if issued >= 0.55]
+        assert len(late) >= 10
+        for i, got in late:
+            assert got == str(i).encode()
+        assert await store.command("id", "CLIENT", "ID") == link_id
+        # The late replies were accounted for: a command in the next pause times out again.
+        running = asyncio.create_task(raw.eval(busy, 0))
+        await asyncio.sleep(0.02)
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=r"timed out after 0\.6s"):
+            await store.command("echo", "ECHO", "again")
+        assert time.monotonic() - started < 0.9
+        assert await running == 1
+        assert await store.command("id", "CLIENT", "ID") == link_id
+    finally:
+        await raw.aclose()
         await store.close()
 
 
@@ -461,22 +530,26 @@ async def test_a_hung_server_times_out_every_pipelined_call_within_the_timeout(
     redis_server: RedisServer, redis_url: str
 ) -> None:
     """Script calls and commands on a live connection have no timer of their own: the
-    connection's watch fails them all, as timeouts, once the oldest waited the store timeout."""
+    connection's watch fails each, as a timeout, once it waited the store timeout."""
     store = RedisStore(redis_url, timeout=0.3)
     try:
         assert await store.note_auth_failure(CLIENT, NOW, WINDOW) == 1  # connected
+        link_id = await store.command("id", "CLIENT", "ID")
         redis_server.pause()
         started = time.monotonic()
         calls = [store.note_auth_failure(CLIENT, NOW + i, WINDOW) for i in range(20)]
         calls += [store.command("echo", "ECHO", str(i)) for i in range(20)]
-        results = await asyncio.gather(*calls, return_exceptions=True)
+        gathered = asyncio.gather(*calls, return_exceptions=True)
+        results = await asyncio.wait_for(gathered, 3.0)
         elapsed = time.monotonic() - started
         for result in results:
             assert isinstance(result, StoreError) and "timed out after 0.3s" in str(result)
         assert 0.25 < elapsed < 1.0
         redis_server.resume()
-        # A new connection (the timed-out calls had been written: they may have run, 20 here).
-        assert await store.note_auth_failure(CLIENT, NOW + 100, WINDOW) in (2, 22)
+        # The same connection (not dead: the server answers again); the timed-out calls had
+        # been written, so they ran when it resumed, and their replies went to nobody.
+        assert await store.note_auth_failure(CLIENT, NOW + 100, WINDOW) == 22
+        assert await store.command("id", "CLIENT", "ID") == link_id
     finally:
         redis_server.resume()
         await store.close()
@@ -516,4 +589,145 @@ async def test_a_call_while_connecting_to_a_hung_server_times_out(
         assert 0.5 < time.monotonic() - started < 1.5
     finally:
         redis_server.resume()
+        await store.close()
+
+
+# -- the connection's life: connecting, closing, RESP3 -------------------------------------
+
+
+class _Proxy:
+    """A TCP proxy to the test redis-server's unix socket; connections numbered in
+    ``black_holes`` are accepted and read but never answered (a handshake that hangs)."""
+
+    def __init__(self, socket_path: str, black_holes: frozenset[int]) -> None:
+        self.socket_path = socket_path
+        self.black_holes = black_holes
+        self.accepted = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        try:
+            if self.accepted in self.black_holes:
+                while await reader.read(65536):
+                    pass
+                return
+            up_reader, up_writer = await asyncio.open_unix_connection(self.socket_path)
+
+            async def pump(a: asyncio.StreamReader, b: asyncio.StreamWriter) -> None:
+                try:
+                    while data := await a.read(65536):
+                        b.write(data)
+                        await b.drain()
+                finally:
+                    b.close()
+
+            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_a_hung_handshake_does_not_hold_up_later_calls(redis_server: RedisServer) -> None:
+    """The first connection's handshake is never answered: the calls waiting on it time out,
+    and a later call makes a new connection (connecting is bounded by the timeout)."""
+    proxy = _Proxy(str(redis_server.socket_path), frozenset({1}))
+    async with proxy as url:
+        store = RedisStore(url, timeout=0.3)
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreError, match=r"ping timed out after 0\.3s"):
+                await store.command("ping", "PING")
+            replies = []
+            while time.monotonic() - started < 2.0 and not replies:
+                with contextlib.suppress(StoreError):
+                    replies.append(await store.command("ping", "PING"))
+            assert replies == [b"PONG"]
+            assert proxy.accepted == 2
+        finally:
+            await asyncio.wait_for(store.close(), 2.0)
+
+
+async def test_close_while_connecting_gives_the_caller_a_store_error(
+    redis_server: RedisServer,
+) -> None:
+    """``close`` cancels the shared connect; a caller waiting on it was not cancelled itself,
+    so it gets ``StoreError``, not ``CancelledError``."""
+    proxy = _Proxy(str(redis_server.socket_path), frozenset({1}))
+    async with proxy as url:
+        store = RedisStore(url, timeout=5.0)
+        call = asyncio.create_task(store.command("ping", "PING"))
+        await asyncio.sleep(0.1)  # connecting, the handshake unanswered
+        await store.close()
+        with pytest.raises(StoreError, match="closed"):
+            await call
+        assert not call.cancelled()
+
+
+async def test_a_connect_finishing_as_the_store_closes_is_not_kept(redis_url: str) -> None:
+    """The connect task has finished but its result is not taken yet when ``close`` runs:
+    the new connection is closed, not kept as the store's link."""
+    store = RedisStore(redis_url)
+    raw = Redis.from_url(redis_url)
+    try:
+        call = asyncio.create_task(store.command("ping", "PING"))
+        await asyncio.sleep(0)
+        direct = store._direct
+        assert direct is not None and direct._connecting is not None
+        connecting = direct._connecting
+        while not connecting.done():
+            await asyncio.sleep(0)  # runs before the done callbacks of the connect
+        await store.close()
+        await asyncio.gather(call, return_exceptions=True)
+        assert direct._link is None
+        for _ in range(100):
+            if await _clients_named_mailguard(raw) == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert await _clients_named_mailguard(raw) == 0
+    finally:
+        await raw.aclose()
+        await store.close()
+
+
+async def test_resp3_url_a_push_never_takes_a_callers_reply(redis_url: str) -> None:
+    """``?protocol=3``: the store's connection speaks RESP2 all the same (no push comes
+    unasked), and if it is switched to RESP3 anyway, server pushes (here client-side caching
+    invalidations redirected to it) are skipped: every caller gets its own reply."""
+    store = RedisStore(redis_url + "?protocol=3")
+    raw = Redis.from_url(redis_url + "?protocol=3")
+    try:
+        await raw.set("campaign:A", "decision-for-A")
+        await raw.set("campaign:B", "decision-for-B")
+        link_id = await store.command("id", "CLIENT", "ID")
+        info = await store.command("info", "CLIENT", "INFO")
+        assert b"resp=2" in info.split()
+        for round_ in range(2):
+            if round_ == 1:  # RESP3 on the link itself: pushes do reach it now
+                await store.command("hello", "HELLO", "3")
+            tracker = Redis.from_url(redis_url + "?protocol=3")
+            try:
+                await tracker.execute_command("CLIENT", "TRACKING", "ON", "REDIRECT", link_id)
+                await tracker.get("k")  # k tracked: writing it pushes "invalidate" to the link
+                replies = await asyncio.gather(
+                    store.command("write", "SET", "k", str(round_)),
+                    store.command("read A", "GET", "campaign:A"),
+                    store.command("read B", "GET", "campaign:B"),
+                )
+            finally:
+                await tracker.aclose()
+            assert replies == [b"OK", b"decision-for-A", b"decision-for-B"]
+        assert await store.command("echo", "ECHO", "after") == b"after"
+    finally:
+        await raw.aclose()
         await store.close()
