@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import weakref
 from collections.abc import Callable, Sequence
 
 from mailguard.core.rules.campaign import MailbombHold
@@ -68,19 +69,44 @@ def parse_hold(raw: bytes | str | None) -> MailbombHold | None:
         return None
 
 
+class _State:
+    """What a process knows about its holds, per store (see ``MailbombHolds``)."""
+
+    __slots__ = ("in_flight", "none_until", "started")
+
+    def __init__(self) -> None:
+        self.none_until: dict[str, float] = {}  # customer -> until when it has no holds
+        # Per customer, hold writes of this process: started so far, and in flight now.  A read
+        # caches "no holds" only if no write was in flight or started while it ran (Redis may
+        # run a concurrent read before the write; the marker it read is then already stale).
+        self.started: dict[str, int] = {}
+        self.in_flight: dict[str, int] = {}
+
+
+_STATES: weakref.WeakKeyDictionary[RedisStore, _State] = weakref.WeakKeyDictionary()
+
+
 class MailbombHolds:
-    """Holds on a ``RedisStore`` (see the module docstring)."""
+    """Holds on a ``RedisStore`` (see the module docstring).
+
+    The cache of "no holds" and the count of hold writes in flight belong to the store, not to
+    this object: every ``MailbombHolds`` of one ``RedisStore`` shares them.  The gate and the
+    milter build a new enforcer (and so a new ``MailbombHolds``) on every reload but keep the
+    store, so a hold write still in flight on the old one is seen by the new one's reads, and
+    the write's end clears the new one's cache (the staleness contract above holds across a
+    reload).  Objects sharing a store must use the same ``monotonic`` clock.
+    """
 
     def __init__(self, store: RedisStore, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self._hold = store.script(lua_script("mailbomb_hold"))
         self._monotonic = monotonic
-        self._none_until: dict[str, float] = {}  # customer -> until when it has no holds
-        # Per customer, hold writes of this process: started so far, and in flight now.  A read
-        # caches "no holds" only if no write was in flight or started while it ran (Redis may
-        # run a concurrent read before the write; the marker it read is then already stale).
-        self._started: dict[str, int] = {}
-        self._in_flight: dict[str, int] = {}
+        state = _STATES.get(store)
+        if state is None:
+            state = _STATES[store] = _State()
+        self._none_until = state.none_until
+        self._started = state.started
+        self._in_flight = state.in_flight
 
     def none_cached(self, customer: str) -> bool:
         """True while this process knows ``customer`` has no holds (see the module docstring);

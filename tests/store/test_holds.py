@@ -282,3 +282,20 @@ async def test_a_read_concurrent_with_a_local_hold_is_not_remembered(store: Redi
     assert not holds.none_cached(cust)
     [found] = await holds.read(cust, SENDER, [VICTIM])
     assert found is not None
+
+
+async def test_a_hold_in_flight_across_a_reload_is_not_missed(store: RedisStore) -> None:
+    """A reload builds a new enforcer, so a new ``MailbombHolds``, on the same store: a read on
+    the new one that ran while a hold write of the old one was in flight is not remembered,
+    and the write's end clears the new one's cache (the state belongs to the store)."""
+    counter, old, cust = CampaignCounter(store), MailbombHolds(store), customer()
+    new = MailbombHolds(store)  # after the reload
+    for i in range(10):
+        await commit(counter, cust, [VICTIM], NOW + i)
+    read = asyncio.create_task(new.read(cust, SENDER, [VICTIM]))
+    await asyncio.sleep(0)  # the read's MGET is queued first
+    assert await hold(old, cust, NOW + 20) is not None
+    assert await read == [None]  # ran before the hold
+    assert not new.none_cached(cust)
+    [found] = await new.read(cust, SENDER, [VICTIM])
+    assert found is not None
