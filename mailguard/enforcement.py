@@ -152,7 +152,7 @@ class CampaignEnforcer:
         if designated and not transactional:
             optin = tuple(await self.optin.has_confirmed(customer.id, headers.list_id, recipients))
         else:
-            optin = tuple(False for _ in recipients)
+            optin = (False,) * len(recipients)
         sender = SenderFacts(
             designated, transactional, optin, headers.list_unsubscribe, headers.one_click
         )
@@ -167,18 +167,18 @@ class CampaignEnforcer:
             reservation_id=reservation_id,
             monitored=monitored(self.policy_config, limits),
         )
-        count = CampaignCount(
-            campaign,
-            result.distinct,
-            result.bulk,
-            tuple(
+        decided = result.recipients
+        if decided.plain:  # every recipient NEW or SEEN: none to name (the common case)
+            counts: tuple[RecipientCount, ...] = ()
+        else:
+            counts = tuple(
                 # past the threshold and not excused: what the store calls BULK, also when the
                 # recipient is a mail bomb as well (reported MAILBOMB), so a monitored mail-bomb
                 # rule never hides an enforced bulk refusal
                 RecipientCount(r.recipient, r.past and not ok, r.mailbomb_count)
-                for r, ok in zip(result.recipients, free, strict=True)
-            ),
-        )
+                for r, ok in zip(decided, free, strict=True)
+            )
+        count = CampaignCount(campaign, result.distinct, result.bulk, counts, decided.mailbomb_max)
         decision = policy.campaign(limits, count, sender)
         reservation = result.reservation
         if decision.refused and reservation is not None:

@@ -79,9 +79,10 @@ import hashlib
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
+from typing import cast, overload
 
 from mailguard.core.fingerprint.sketch import Fingerprint
 from mailguard.store.clustering import ClusterStore, decode_id
@@ -184,6 +185,77 @@ class Reservation:
     expires_at: float
 
 
+class RecipientResults(Sequence[RecipientResult]):
+    """The per-recipient results of one reserve (a sequence of :class:`RecipientResult`, one per
+    recipient given, in the order given), parsed from the script's reply on first use: in the
+    common case (every recipient ``plain``) a caller needs only :attr:`plain` and
+    :attr:`mailbomb_max`, read from the reply without building a result per recipient."""
+
+    __slots__ = ("_call", "_items", "_raw")
+
+    def __init__(self, call: _ReserveCall | None, raw: Sequence[int | bytes]) -> None:
+        self._call = call
+        self._raw = raw  # the script's reply: reserved, distinct, bulk, then 3 per recipient
+        self._items: tuple[RecipientResult, ...] | None = None
+
+    @classmethod
+    def of(cls, items: Sequence[RecipientResult]) -> RecipientResults:
+        """Results already built."""
+        found = cls(None, ())
+        found._items = tuple(items)
+        return found
+
+    def _parsed(self) -> tuple[RecipientResult, ...]:
+        items = self._items
+        if items is None:
+            assert self._call is not None
+            items = self._items = self._call.recipient_results(self._raw)
+        return items
+
+    @property
+    def plain(self) -> bool:
+        """Every recipient is ``NEW`` or ``SEEN``: allowed, within the bulk threshold and the
+        mail-bomb limit (nothing a reply text or refusal would name)."""
+        if self._items is None:
+            return max(cast("Sequence[int]", self._raw[3::3])) <= Verdict.SEEN
+        return all(r.verdict <= Verdict.SEEN for r in self._items)
+
+    @property
+    def mailbomb_max(self) -> int:
+        """The highest per-recipient mail-bomb count."""
+        if self._items is None:
+            return int(max(cast("Sequence[int]", self._raw[5::3])))
+        return max(r.mailbomb_count for r in self._items)
+
+    @overload
+    def __getitem__(self, index: int) -> RecipientResult: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[RecipientResult, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> RecipientResult | tuple[RecipientResult, ...]:
+        return self._parsed()[index]
+
+    def __len__(self) -> int:
+        return len(self._parsed()) if self._call is None else len(self._call.recipients)
+
+    def __iter__(self) -> Iterator[RecipientResult]:
+        return iter(self._parsed())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, RecipientResults):
+            return self._parsed() == other._parsed()
+        if isinstance(other, tuple):
+            return self._parsed() == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._parsed())
+
+    def __repr__(self) -> str:
+        return repr(self._parsed())
+
+
 @dataclass(frozen=True, slots=True)
 class ReserveResult:
     """The whole message's decision, with the numbers a reply text needs.
@@ -195,7 +267,7 @@ class ReserveResult:
 
     # set iff every recipient is allowed or refused only by a rule the caller monitors
     reservation: Reservation | None
-    recipients: tuple[RecipientResult, ...]  # one per recipient given, in the order given
+    recipients: RecipientResults  # one per recipient given, in the order given
     distinct: int
     bulk: bool  # the campaign is past the threshold (with this message)
     params: CountingParams
@@ -203,7 +275,7 @@ class ReserveResult:
     @property
     def allowed(self) -> bool:
         """Every recipient is allowed (monitored or not)."""
-        return all(r.allowed for r in self.recipients)
+        return self.recipients.plain or all(r.allowed for r in self.recipients)
 
     @property
     def refused(self) -> tuple[RecipientResult, ...]:
@@ -212,7 +284,7 @@ class ReserveResult:
     @property
     def mailbomb_count(self) -> int:
         """The highest per-recipient mail-bomb count of this message."""
-        return max(r.mailbomb_count for r in self.recipients)
+        return self.recipients.mailbomb_max
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +407,20 @@ class _ReserveCall:
         self.params = params
 
     def result(self, campaign: str, raw: Sequence[int | bytes]) -> ReserveResult:
+        reservation = None
+        if int(raw[0]) == 1:
+            reservation = Reservation(
+                self.customer,
+                campaign,
+                self.rid,
+                tuple(self.unique),
+                float(self.now) + self.params.reservation_ttl,
+            )
+        recipients = RecipientResults(self, raw)  # parsed when first needed
+        return ReserveResult(reservation, recipients, int(raw[1]), int(raw[2]) == 1, self.params)
+
+    def recipient_results(self, raw: Sequence[int | bytes]) -> tuple[RecipientResult, ...]:
+        """The per-recipient part of the script's reply ``raw``, one result per recipient."""
         threshold = self.params.bulk_recipients
         verdicts = _VERDICTS
         decided = []
@@ -344,24 +430,12 @@ class _ReserveCall:
             decided.append((verdict, number, int(raw[at + 2]), number > threshold))
         if len(self.unique) == len(self.recipients):  # no recipient twice: the same order
             found = zip(self.recipients, self.unique, decided, strict=True)
-            results = tuple(RecipientResult(r, rkey, *decision) for r, rkey, decision in found)
-        else:
-            by_key = dict(zip(self.unique, decided, strict=True))
-            results = tuple(
-                RecipientResult(recipient, rkey, *by_key[rkey])
-                for recipient, rkey in zip(self.recipients, self.recipient_keys, strict=True)
-            )
-        values = (int(raw[0]), int(raw[1]), int(raw[2]))
-        reservation = None
-        if values[0] == 1:
-            reservation = Reservation(
-                self.customer,
-                campaign,
-                self.rid,
-                tuple(self.unique),
-                float(self.now) + self.params.reservation_ttl,
-            )
-        return ReserveResult(reservation, results, values[1], values[2] == 1, self.params)
+            return tuple(RecipientResult(r, rkey, *decision) for r, rkey, decision in found)
+        by_key = dict(zip(self.unique, decided, strict=True))
+        return tuple(
+            RecipientResult(recipient, rkey, *by_key[rkey])
+            for recipient, rkey in zip(self.recipients, self.recipient_keys, strict=True)
+        )
 
 
 _VERDICTS = {int(v): v for v in Verdict}

@@ -138,6 +138,30 @@ async def test_already_counted_recipients_do_not_count_twice(counter: CampaignCo
     assert result.distinct == 21
 
 
+async def test_recipient_results_are_parsed_when_first_used(counter: CampaignCounter) -> None:
+    """``plain`` and ``mailbomb_max`` come from the reply as it is; the parsed results agree."""
+    params = CountingParams(bulk_recipients=3, mailbomb_messages=2)
+    seen = []
+    for k, recipients in enumerate(
+        [[rcpt(1), rcpt(2)], [rcpt(2), rcpt(3)], [rcpt(1), rcpt(4)], [rcpt(2), rcpt(2)]]
+    ):
+        result = await send(counter, recipients, NOW + k, params=params)
+        lazy = result.recipients
+        summary = (lazy.plain, lazy.mailbomb_max, len(lazy), result.allowed)
+        parsed = tuple(lazy)  # parses
+        assert summary == (lazy.plain, lazy.mailbomb_max, len(parsed), result.allowed)
+        assert lazy.plain == all(r.verdict in (Verdict.NEW, Verdict.SEEN) for r in parsed)
+        assert lazy.mailbomb_max == max(r.mailbomb_count for r in parsed)
+        assert lazy == parsed and lazy[0] == parsed[0] and lazy[:1] == parsed[:1]
+        seen.append((verdicts(result), lazy.plain, lazy.mailbomb_max))
+    assert seen == [
+        ([Verdict.NEW, Verdict.NEW], True, 1),
+        ([Verdict.SEEN, Verdict.NEW], True, 2),
+        ([Verdict.SEEN, Verdict.BULK], False, 2),
+        ([Verdict.MAILBOMB, Verdict.MAILBOMB], False, 3),
+    ]
+
+
 async def test_one_recipient_twice_in_one_message_counts_once(counter: CampaignCounter) -> None:
     params = CountingParams(bulk_recipients=1)
     result = await send(counter, ["Bob@Example.org", " <bob@example.org> "], params=params)

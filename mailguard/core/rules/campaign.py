@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from mailguard.config.schema import CampaignLimits, PolicyConfig, RuleAction
 from mailguard.core.verdict import Accept, Defer, Reject, Verdict
@@ -55,12 +56,18 @@ class RecipientCount:
 @dataclass(frozen=True, slots=True)
 class CampaignCount:
     """What the store found for the whole message (``distinct``: the campaign's distinct
-    recipients within the bulk window with this message's added; ``bulk``: past the threshold)."""
+    recipients within the bulk window with this message's added; ``bulk``: past the threshold).
+
+    ``recipients`` may leave out those with nothing to report (not ``past_bulk``, and not over
+    the mail-bomb limit: what the store decided plainly, the common case), as long as
+    ``mailbomb_max`` then gives the highest mail-bomb count of all of them (None: the highest
+    in ``recipients``)."""
 
     campaign: str
     distinct: int
     bulk: bool
     recipients: tuple[RecipientCount, ...]
+    mailbomb_max: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +84,13 @@ class SenderFacts:
 def excused(facts: SenderFacts) -> tuple[bool, ...]:
     """Per recipient: may it be sent past the bulk threshold?  (What the store is told.)"""
     if facts.transactional:
-        return tuple(True for _ in facts.optin)
-    return tuple(facts.designated and ok for ok in facts.optin)
+        return (True,) * len(facts.optin)
+    if not facts.designated:
+        return (False,) * len(facts.optin)
+    return tuple(bool(ok) for ok in facts.optin)
 
 
+@lru_cache(maxsize=256)
 def format_window(seconds: float) -> str:
     """``86400`` -> ``"24h"``, ``90`` -> ``"90s"``: the unit an admin would have written."""
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -278,7 +288,11 @@ def _accept_numbers(count: CampaignCount, limits: CampaignLimits) -> dict[str, o
         "distinct": count.distinct,
         "bulk": count.bulk,
         "threshold": limits.bulk_recipients,
-        "mailbomb_max": max((r.mailbomb_count for r in count.recipients), default=0),
+        "mailbomb_max": (
+            max((r.mailbomb_count for r in count.recipients), default=0)
+            if count.mailbomb_max is None
+            else count.mailbomb_max
+        ),
     }
 
 

@@ -233,3 +233,16 @@ def test_custom_hold_template() -> None:
     policy = dataclasses.replace(POLICY, templates=templates, mailbomb_hold=90.0)
     verdict = hold_verdict(policy, LIMITS, "v@x", HOLD, 0.0)
     assert verdict is not None and verdict.text == "Wait 90s for <v@x>"
+
+
+def test_plain_recipients_may_be_left_out_with_mailbomb_max() -> None:
+    """The store's plain case: no recipient listed, the highest mail-bomb count given."""
+    full = count(5, False, RecipientCount("a@x", False, 3), RecipientCount("b@x", False, 1))
+    short = dataclasses.replace(full, recipients=(), mailbomb_max=3)
+    for sender in (PLAIN, SenderFacts(True, False, (True, True), True, True)):
+        assert decide(POLICY, LIMITS, full, sender) == decide(POLICY, LIMITS, short, sender)
+    verdict, _ = decide(POLICY, LIMITS, short, PLAIN)
+    assert isinstance(verdict, Accept) and verdict.numbers["mailbomb_max"] == 3
+    bulk = dataclasses.replace(full, bulk=True)
+    bulk_short = dataclasses.replace(short, bulk=True)
+    assert decide(POLICY, LIMITS, bulk, PLAIN) == decide(POLICY, LIMITS, bulk_short, PLAIN)
