@@ -60,3 +60,41 @@ class BoundedCache(dict[K, V], Generic[K, V]):
     def clear(self) -> None:
         super().clear()
         self.used = 0
+
+
+T = TypeVar("T")
+
+
+class IdentityCache(Generic[T, V]):
+    """Values by the identity of an object, which is kept (so its ``id`` is not reused while
+    its entry lives): a read costs no hash of the object's contents.  Meant for objects
+    another cache hands out again (the same ``str`` for a repeated part, :mod:`.mime`).  At
+    most ``entries`` items and about ``budget`` in all (``size`` of the object and its value,
+    plus a per-entry overhead); emptied first when a new item would pass a limit, and an item
+    bigger than the whole budget is not kept."""
+
+    def __init__(self, entries: int, budget: int, size: Callable[[T, V], int]) -> None:
+        self.entries, self.budget = entries, budget
+        self._size = size
+        self._items: dict[int, tuple[T, V]] = {}
+        self.used = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: T) -> V | None:
+        found = self._items.get(id(key))
+        return found[1] if found is not None and found[0] is key else None
+
+    def keep(self, key: T, value: V) -> None:
+        size = self._size(key, value) + ENTRY_OVERHEAD
+        if size > self.budget:
+            return
+        if len(self._items) + 1 > self.entries or self.used + size > self.budget:
+            self.clear()
+        self._items[id(key)] = (key, value)
+        self.used += size
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.used = 0

@@ -32,11 +32,13 @@ import binascii
 import codecs
 import hashlib
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from types import MappingProxyType
 
+from mailguard.core.fingerprint.cache import BoundedCache
 from mailguard.core.fingerprint.html import visible_text
 
 MAX_DEPTH = 8
@@ -85,6 +87,19 @@ _TEXT_TYPES = frozenset({"text/plain", "text/html"})
 _ASCII_PROBE = bytes(range(128))
 _NO_PARAMS: Mapping[str, str] = MappingProxyType({})
 _CACHED_FIELD_BYTES = 512
+# The text of text parts (decoded, HTML made visible: :func:`_part_text`) is cached by the
+# part's raw body and what decides its decoding: campaign copies repeat their parts byte for
+# byte, and a hit then costs a memcmp instead of decoding (and gives the same ``str`` object,
+# whose hash is then not computed again).  The key is short: the part's description, its
+# length and its first and last ``_PART_PROBE`` bytes (the whole body when shorter); a hit
+# counts only when the whole body is equal too.  At most 512 parts of at most
+# ``MAX_CACHED_PART`` bytes, about 16 MB in all (the raw bytes and the text's size counted).
+# (A key met once maps to _SEEN: see _part_text.)
+_PART_PROBE = 1024
+MAX_CACHED_PART = 1 << 20
+_PARTS: BoundedCache[bytes, tuple[bytes, str]] = BoundedCache(
+    1 << 9, 16 << 20, 4 * _PART_PROBE, lambda value: len(value[0]) + sys.getsizeof(value[1])
+)
 
 
 def _b64decode(data: bytes) -> bytes:
@@ -129,6 +144,9 @@ def _codec(charset: str) -> tuple[str, bool] | None:
     except Exception:  # a codec may raise anything on the probe; then it is not transparent
         transparent = False
     return info.name, transparent
+
+
+_SEEN: tuple[bytes, str] = (b"", "")
 
 
 def decode_text(payload: bytes, charset: str | None) -> str:
@@ -323,7 +341,7 @@ class _Walker:
             return
         attached = _simple_field(head, b"content-disposition") == "attachment"
         if ctype in _TEXT_TYPES and not attached:
-            self.text(ctype, params, _decode_transfer(body, encoding))
+            self.text(_part_text(ctype, params.get("charset"), encoding, body))
         else:
             payload = _decode_transfer(body, encoding)
             if encoding != "base64" and b"\r\n" in payload:
@@ -335,7 +353,7 @@ class _Walker:
         boundary = params.get("boundary", "")
         chunks = _split_multipart(body, boundary.encode("latin-1", "replace")) if boundary else None
         if chunks is None:
-            self.text("text/plain", params, body)
+            self.text(_part_text("text/plain", params.get("charset"), "", body))
             return
         children = [_parse_head(chunk) for chunk in chunks]
         default = "message/rfc822" if ctype == "multipart/digest" else "text/plain"
@@ -346,15 +364,38 @@ class _Walker:
         for child_head, child_body in children:
             self.entity(child_head, child_body, depth + 1, default)
 
-    def text(self, ctype: str, params: Mapping[str, str], payload: bytes) -> None:
+    def text(self, text: str) -> None:
         if self.chars >= MAX_TEXT_CHARS:
             return
-        text = decode_text(payload, params.get("charset"))
-        if ctype == "text/html":
-            text = visible_text(text)
-        text = text[: MAX_TEXT_CHARS - self.chars]
+        text = text[: MAX_TEXT_CHARS - self.chars]  # (text itself when not longer)
         self.chars += len(text)
         self.texts.append(text)
+
+
+def _decoded_part(ctype: str, charset: str | None, encoding: str, body: bytes) -> str:
+    """The text of a text part: its body transfer-decoded, as text, visible text of HTML."""
+    text = decode_text(_decode_transfer(body, encoding), charset)
+    return visible_text(text) if ctype == "text/html" else text
+
+
+def _part_text(ctype: str, charset: str | None, encoding: str, body: bytes) -> str:
+    """:func:`_decoded_part`, cached (``_PARTS``): equal arguments give the same ``str``."""
+    if len(body) > MAX_CACHED_PART:
+        return _decoded_part(ctype, charset, encoding, body)
+    # (no field holds a line break: the description cannot run into the body's bytes)
+    about = f"{ctype}\n{charset!r}\n{encoding}\n{len(body)}\n".encode("utf-8", "surrogatepass")
+    if len(body) <= 2 * _PART_PROBE:
+        key = about + body
+    else:
+        key = about + body[:_PART_PROBE] + body[-_PART_PROBE:]
+    found = _PARTS.get(key)
+    if found is not None and found is not _SEEN and found[0] == body:  # memcmp of the body
+        return found[1]
+    text = _decoded_part(ctype, charset, encoding, body)
+    # The body and its text are kept from the second time its key is met: a personalized
+    # part (its own key every time) does not keep its memory from being reused.
+    _PARTS.keep_one(key, _SEEN if found is None else (body, text))
+    return text
 
 
 def _preferred(children: list[tuple[_Head, bytes]], default: str) -> tuple[_Head, bytes] | None:

@@ -53,7 +53,7 @@ from itertools import chain, filterfalse, islice
 from operator import itemgetter
 from typing import TypeVar
 
-from mailguard.core.fingerprint.cache import BoundedCache
+from mailguard.core.fingerprint.cache import BoundedCache, IdentityCache
 
 NUM = "0"
 EMAIL = "EMAIL"
@@ -86,6 +86,12 @@ _LINES: BoundedCache[str, tuple[bytes, tuple[str, ...]]] = BoundedCache(
 # for their vocabulary, and the URLs; see _TextWords.size.)
 _TEXTS: BoundedCache[str, _TextWords] = BoundedCache(
     1 << 10, 8 << 20, MAX_CHARS, lambda value: value.size
+)
+# The windows of texts longer than MAX_CHARS (see _windowed), by the text object: a repeated
+# text part is the same object (.mime caches parts), so neither the text nor its window is
+# hashed again (the window is the object _TEXTS keeps).  At most 64 texts, about 16 MB.
+_WINDOWS: IdentityCache[str, _Windows] = IdentityCache(
+    64, 16 << 20, lambda text, windows: sys.getsizeof(text) + windows.size
 )
 # Parsed URLs are cached (campaigns repeat their links); the cache only saves time.
 _URL_CACHE: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {}
@@ -672,10 +678,35 @@ def body_words(text: str, exclude: AbstractSet[bytes] = frozenset()) -> tuple[by
     copies whose text is not personalized.  (The caches only save time: a line's words
     depend on nothing else.)
     """
-    spaced, links, _ = _windowed(
-        text, lambda window: _window_body_words(window, exclude), itemgetter(2)
-    )
+    if len(text) <= MAX_CHARS:
+        spaced, links, _ = _window_body_words(text, exclude)
+        return spaced, links
+    windows = _WINDOWS.get(text)  # as _windowed, with the windows kept
+    if windows is None:
+        windows = _Windows(text[:MAX_CHARS])
+        if windows.first in _TEXTS:  # met before (a personalized text is not kept here)
+            _WINDOWS.keep(text, windows)
+    spaced, links, count = _window_body_words(windows.first, exclude)
+    if count > FEW_WORDS:
+        return spaced, links
+    if windows.squeezed is None:
+        windows.squeezed = squeezed(text)
+    spaced, links, _ = _window_body_words(windows.squeezed, exclude)
     return spaced, links
+
+
+@dataclass(slots=True)
+class _Windows:
+    """A long text's first ``MAX_CHARS`` characters and, once needed, its :func:`squeezed`
+    window (set once: a thread may compute it again, to the same value)."""
+
+    first: str
+    squeezed: str | None = None
+
+    @property
+    def size(self) -> int:
+        """What it costs (the squeezed window counted ahead, at most 4 bytes per character)."""
+        return sys.getsizeof(self.first) + 4 * MAX_CHARS
 
 
 @dataclass(slots=True)

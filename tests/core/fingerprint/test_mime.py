@@ -8,6 +8,7 @@ import hashlib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mailguard.core.fingerprint import mime
 from mailguard.core.fingerprint.mime import Extracted, decode_header, decode_text, extract
 from tests.core.fingerprint.messages import PARAGRAPHS, SHAPES, Letter, render
 
@@ -287,3 +288,47 @@ def test_recipient_names_and_addresses_are_those_of_the_reference(values: list[s
             if chunk.strip(_NAME_JUNK):
                 names.append(chunk.strip(_NAME_JUNK))
     assert _recipients(values) == (tuple(names), tuple(addresses))
+
+
+_PART_BODIES = st.one_of(
+    st.binary(max_size=60),
+    st.text(max_size=40).map(lambda t: t.encode("utf-8", "surrogatepass")),
+    # longer than the probes at both ends: equal ends, a middle that may differ
+    st.tuples(st.sampled_from([b"A", b"B", b"\xc3\xa9", b"<b>x</b>", b"=41"]), st.booleans()).map(
+        lambda t: (b"head " * 300) + t[0] * (600 if t[1] else 601) + (b" tail" * 300)
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["text/plain", "text/html"]),
+            st.sampled_from([None, "utf-8", "latin-1", "None", "ascii", "bogus"]),
+            st.sampled_from(["", "8bit", "base64", "quoted-printable"]),
+            _PART_BODIES,
+        ),
+        max_size=12,
+    )
+)
+def test_cached_part_texts_equal_decoding_them(
+    parts: list[tuple[str, str | None, str, bytes]],
+) -> None:
+    """The part cache gives what decoding gives, for repeated parts, parts of equal length and
+    ends but another middle, and parts equal but for their description."""
+    for ctype, charset, encoding, body in parts + parts:
+        expected = mime._decoded_part(ctype, charset, encoding, body)
+        assert mime._part_text(ctype, charset, encoding, body) == expected
+        assert mime._part_text(ctype, charset, encoding, bytes(bytearray(body))) == expected
+
+
+def test_a_repeated_part_gives_the_same_text_object_and_a_changed_one_its_own() -> None:
+    mime._PARTS.clear()
+    body = ("Grüße " * 2000).encode("utf-8")
+    mime._part_text("text/plain", "utf-8", "8bit", body)  # met once: not kept yet
+    first = mime._part_text("text/plain", "utf-8", "8bit", body)
+    assert mime._part_text("text/plain", "utf-8", "8bit", bytes(bytearray(body))) is first
+    changed = body[:5000] + b"X" + body[5001:]  # same length, same probes
+    assert mime._part_text("text/plain", "utf-8", "8bit", changed) == changed.decode("utf-8")
+    assert all(len(k) <= mime._PARTS.longest for k in mime._PARTS)

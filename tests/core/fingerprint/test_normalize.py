@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import sys
 import unicodedata
+from operator import itemgetter
 
 import pytest
 from hypothesis import given, settings
@@ -366,3 +367,23 @@ def test_ascii_path_and_regular_expressions_agree_on_ordinary_text(text: str) ->
     assert text.isascii()
     assert words_and_links(text, breaks=True)[0] == n.reference_unicode_words(text, breaks=True)
     assert tokens(text) == [w.decode() for w in n.reference_unicode_words(text) if w != b"\x01"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    _LINES_TEXT,
+    st.integers(0, 1200),
+    st.sampled_from(["", " " * 40_000, "\n" * 33_000]),
+    st.sampled_from([frozenset(), frozenset({b"john"}), frozenset({b"w", b"smith"})]),
+)
+def test_long_texts_windows_kept_by_the_text_object_give_the_windowed_words(
+    text: str, repeat: int, padding: str, exclude: frozenset[bytes]
+) -> None:
+    long = padding + "john w " * repeat + text + "x " * 17_000 + text
+    expected = n._windowed(
+        long, lambda window: n._window_body_words(window, exclude), itemgetter(2)
+    )[:2]
+    n._WINDOWS.clear()
+    assert n.body_words(long, exclude) == expected  # cold
+    assert n.body_words(long, exclude) == expected  # its windows kept
+    assert n.body_words(long, frozenset()) == n.body_words((long + "#")[:-1], frozenset())
