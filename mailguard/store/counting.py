@@ -69,7 +69,9 @@ Semantics (the scripts' headers say the same in Lua terms):
   Every key written gets ``PEXPIRE max(bulk_window, mailbomb_window) + reservation_ttl``.
 * **Cost.**  A reserve reads with a fixed number of commands plus one ``ZCOUNT`` per recipient
   and writes only the campaign's hashes (no per-recipient key); entries that left a window are
-  ignored when reading and trimmed by the commit that writes the key.  No command scans a log.
+  ignored when reading and trimmed by the commit that writes the key.  No command scans a log;
+  the bulk set's committed part is read whole when it has fewer than 128 members (normally at
+  most ``bulk_recipients``), else counted and looked up by score.
 """
 
 from __future__ import annotations

@@ -162,6 +162,35 @@ async def test_recipient_results_are_parsed_when_first_used(counter: CampaignCou
     ]
 
 
+async def test_a_large_bulk_set_is_looked_up_by_score(counter: CampaignCounter) -> None:
+    """Past 128 recipients sent to in the window the script counts and looks them up by score
+    instead of reading them whole: the same verdicts and numbers."""
+    params = CountingParams(bulk_recipients=300)
+    for large in (False, True):
+        campaign = f"set-{large}"
+        first = 140 if large else 100
+        result = await send(
+            counter, [rcpt(i) for i in range(first)], NOW, params=params, campaign=campaign
+        )
+        assert result.distinct == first
+        held = await counter.reserve(
+            CUSTOMER, campaign, [rcpt(1000)], NOW + 1, params=params, reservation_id="h"
+        )
+        assert verdicts(held) == [Verdict.NEW] and held.recipients[0].number == first + 1
+        result = await send(
+            counter, [rcpt(5), rcpt(1000), rcpt(1001)], NOW + 2, params=params, campaign=campaign
+        )
+        assert verdicts(result) == [Verdict.SEEN, Verdict.SEEN, Verdict.NEW]
+        assert [r.number for r in result.recipients] == [0, 0, first + 2]
+        assert result.distinct == first + 2
+        # The first message leaves the window; those sent to again later stay in the set.
+        result = await send(
+            counter, [rcpt(6), rcpt(1002)], NOW + DAY, params=params, campaign=campaign
+        )
+        assert verdicts(result) == [Verdict.NEW, Verdict.NEW]
+        assert [r.number for r in result.recipients] == [4, 5]
+
+
 async def test_one_recipient_twice_in_one_message_counts_once(counter: CampaignCounter) -> None:
     params = CountingParams(bulk_recipients=1)
     result = await send(counter, ["Bob@Example.org", " <bob@example.org> "], params=params)

@@ -7,7 +7,8 @@
 --
 -- KEYS[1]  sorted set "sent": recipient hash -> time of its last committed send, for the
 --          recipients counted in the bulk distinct set (keys: counting.CampaignKeys.sent).
---          Entries older than the bulk window are ignored here and trimmed by commits.
+--          Entries older than the bulk window are ignored here and trimmed by commits.  Read
+--          whole (ZRANGEBYSCORE) when fewer than 128 are in the window, else ZCOUNT + ZMSCORE.
 -- KEYS[2]  hash "held": recipient hash -> number of live reservations holding it in the set.
 -- KEYS[3]  hash "pend": recipient hash -> number of live reservations to it (every recipient of
 --          a reservation, in the set or past the threshold): the mail-bomb rule's holds.
@@ -133,10 +134,35 @@ end
 local previous = redis.call('HGET', RESV, id)
 if previous then return decode(previous).r end
 
--- 3. The bulk set as it stands: sends in the window, plus held recipients without one.
+-- 3. The bulk set as it stands: sends in the window, plus held recipients without one.  The
+-- recipients sent to within the window are read whole when there are fewer than READ_WHOLE (the
+-- common case: normally at most bulk_recipients), so membership is a table lookup; otherwise
+-- they are counted and looked up by score (ZMSCORE), as many as asked about.
 local bulk_cutoff = now - bulk_window
 local bulk_from = '(' .. fmt(bulk_cutoff)
-local set_size = redis.call('ZCOUNT', SENT, bulk_from, '+inf')
+local READ_WHOLE = 128
+local window = redis.call('ZRANGEBYSCORE', SENT, bulk_from, '+inf', 'LIMIT', 0, READ_WHOLE)
+local in_window, set_size = nil, #window
+if set_size < READ_WHOLE then
+  in_window = {}
+  for _, h in ipairs(window) do in_window[h] = true end
+else
+  set_size = redis.call('ZCOUNT', SENT, bulk_from, '+inf')
+end
+-- Per hash of list: true if it has a committed send within the bulk window.
+local function sent_in_window(list)
+  local out = {}
+  if in_window then
+    for j = 1, #list do out[j] = in_window[list[j]] == true end
+    return out
+  end
+  local scores = call_list('ZMSCORE', SENT, list)
+  for j = 1, #list do
+    local s = scores[j] and tonumber(scores[j])
+    out[j] = (s and s > bulk_cutoff) == true
+  end
+  return out
+end
 local held_all = redis.call('HGETALL', HELD) -- {hash, count, ...}
 local held_count = {}
 if #held_all > 0 then
@@ -145,10 +171,9 @@ if #held_all > 0 then
     held_keys[#held_keys + 1] = held_all[j]
     held_count[held_all[j]] = held_all[j + 1]
   end
-  local scores = call_list('ZMSCORE', SENT, held_keys)
+  local sent = sent_in_window(held_keys)
   for j = 1, #held_keys do
-    local s = scores[j] and tonumber(scores[j])
-    if not (s and s > bulk_cutoff) then set_size = set_size + 1 end
+    if not sent[j] then set_size = set_size + 1 end
   end
 end
 local bulk_until = tonumber(redis.call('GET', BULK) or '')
@@ -166,7 +191,7 @@ for i = 1, n do
   seen_in_call[h] = true
   hashes[i] = h
 end
-local sent_scores = call_list('ZMSCORE', SENT, hashes)
+local sent = sent_in_window(hashes)
 local pend = call_list('HMGET', PEND, hashes)
 local mb_from = mb_window == bulk_window and bulk_from or '(' .. fmt(now - mb_window)
 local new, past = 0, 0
@@ -175,8 +200,7 @@ local kinds = {}
 local result = {0, 0, 0}
 for i = 1, n do
   local code, number
-  local s = sent_scores[i] and tonumber(sent_scores[i])
-  if (s and s > bulk_cutoff) or held_count[hashes[i]] then
+  if sent[i] or held_count[hashes[i]] then
     code, number, kinds[i] = SEEN, 0, 1
   elseif not marked_bulk and set_size + new < bulk_max then
     new = new + 1
