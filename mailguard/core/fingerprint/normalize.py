@@ -77,7 +77,7 @@ TOKENISH_LENGTH = 24
 # MAX_CACHED_LINE characters, about 16 MB in all (.cache).
 MAX_CACHED_LINE = 1000
 _LINES: BoundedCache[str, tuple[bytes, tuple[str, ...]]] = BoundedCache(
-    1 << 15, 16 << 20, MAX_CACHED_LINE, lambda value: len(value[0])
+    1 << 15, 16 << 20, MAX_CACHED_LINE, lambda value: len(value[0]) + _strings_size(value[1])
 )
 # The words of whole texts (:func:`_text_words`, before recipients' words are removed) are
 # cached too: copies of a campaign whose text is not personalized repeat it whole.  At most
@@ -755,10 +755,21 @@ def _present(found: _TextWords, exclude: AbstractSet[bytes]) -> Collection[bytes
     """
     if not exclude:
         return exclude
-    if found.vocabulary is None:  # one split instead of a scan of the text per name
-        found.vocabulary = frozenset(found.spaced.split())
     vocabulary = found.vocabulary
+    if vocabulary is None:  # one split instead of a scan of the text per name
+        vocabulary = frozenset(found.spaced.split())
+        # Kept with the text only within _TEXTS's budget: a set of many short words costs
+        # several times the text (a set slot and a bytes object per word).
+        size = sys.getsizeof(vocabulary) + sum(map(sys.getsizeof, vocabulary))
+        if _TEXTS.used + size <= _TEXTS.budget:
+            found.vocabulary = vocabulary
+            _TEXTS.used += size
     return [w for w in exclude if w in vocabulary or w.split() != [w]]
+
+
+def _strings_size(strings: tuple[str, ...]) -> int:
+    """What a line's URLs cost in _LINES beyond the tuple (their ``str`` objects)."""
+    return sum(map(sys.getsizeof, strings)) if strings else 0
 
 
 def _text_words(text: str) -> _TextWords:
@@ -798,13 +809,25 @@ def recipient_terms(recipients: Iterable[str]) -> frozenset[str]:
     """
     terms: set[str] = set()
     for item in dict.fromkeys(recipients):  # To and the envelope often repeat an address
-        terms.update(_item_terms(item[:1000]))
+        item = item[:1000]
+        terms.update(_item_terms(item) if len(item) <= MAX_CACHED_ITEM else _terms_of(item))
     return frozenset(terms)
+
+
+# Items up to this long (addresses, real names) have their terms cached; longer ones (a display
+# name can be 1,000 characters of four-byte letters) are worked out each time, so the cache
+# holds at most 4,096 x (128 characters + their terms): a few MB.
+MAX_CACHED_ITEM = 128
 
 
 @lru_cache(maxsize=4096)
 def _item_terms(item: str) -> tuple[str, ...]:
-    """The :func:`recipient_terms` of one item, cached: a mailing list's addresses recur."""
+    """The :func:`recipient_terms` of one short item, cached: a mailing list's addresses recur."""
+    return _terms_of(item)
+
+
+def _terms_of(item: str) -> tuple[str, ...]:
+    """The :func:`recipient_terms` of one item."""
     text = clean(item)
     candidates: list[str] = []
     for match in _LOOSE_EMAIL_RE.finditer(text):
