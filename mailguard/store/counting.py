@@ -492,24 +492,34 @@ def _reserve_call(
         raise TypeError("recipients must be a sequence of addresses, not one string")
     if not recipients:
         raise ValueError("a message needs at least one recipient")
-    flags = [False] * len(recipients) if excused is None else [bool(e) for e in excused]
-    if len(flags) != len(recipients):
+    flags = None if excused is None else [bool(e) for e in excused]
+    if flags is not None and len(flags) != len(recipients):
         raise ValueError("excused must have one flag per recipient")
     rid = _new_reservation_id() if reservation_id is None else reservation_id
     if not rid or len(rid) > MAX_RESERVATION_ID:
         raise ValueError(f"reservation id must be 1..{MAX_RESERVATION_ID} characters")
     if not customer:
         raise ValueError("customer id must not be empty")
-    rkeys = [recipient_key(r) for r in recipients]
-    # One entry per distinct recipient, excused if any of its copies is.
-    order: dict[str, bool] = {}
-    for rkey, flag in zip(rkeys, flags, strict=True):
-        order[rkey] = order.get(rkey, False) or flag
+    known = _RECIPIENT_KEYS.get
+    rkeys = [known(r) or recipient_key(r) for r in recipients]
     args = [_num("now", now), rid, *_params_args(params)]
     args.append(_MONITORED.get(monitored) or str(int(monitored[0]) + 2 * int(monitored[1])))
-    for rkey, flag in order.items():
-        args += [rkey, "1" if flag else "0"]
-    return _ReserveCall(customer, recipients, rkeys, list(order), args, rid, now, params)
+    # One entry per distinct recipient (first copy's place), excused if any of its copies is.
+    if flags is None or not any(flags):  # nobody excused (most mail): no per-recipient loop
+        unique = list(dict.fromkeys(rkeys))
+        pairs: list[str] = [""] * (2 * len(unique))
+        pairs[0::2] = unique
+        pairs[1::2] = ["0"] * len(unique)
+    else:
+        order: dict[str, bool] = {}
+        for rkey, flag in zip(rkeys, flags, strict=True):
+            order[rkey] = order.get(rkey, False) or flag
+        unique = list(order)
+        pairs = []
+        for rkey, flag in order.items():
+            pairs += [rkey, "1" if flag else "0"]
+    args += pairs
+    return _ReserveCall(customer, recipients, rkeys, unique, args, rid, now, params)
 
 
 class CampaignCounter:
