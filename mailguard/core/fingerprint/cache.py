@@ -1,8 +1,9 @@
 """A size-limited memo for the fingerprint's per-line and per-sentence results.
 
 Responsible for: keeping at most ``entries`` items with keys of at most ``longest`` (in
-``len``) and about ``budget`` in all (key length plus the size of the value, as the caller
-measures it, plus a per-entry overhead); when new items would pass a limit it is emptied
+``len``) and about ``budget`` in all (the key's size in memory, ``sys.getsizeof``, so a ``str``
+of four-byte characters counts four bytes a character; plus the size of the value, as the
+caller measures it, plus a per-entry overhead); when new items would pass a limit it is emptied
 first.  Campaign copies repeat their lines and sentences, so a plain dict read hits most of the
 time; the limits keep it small in every gate worker whatever the mail.
 Must never: change a result (it only saves time), or grow past its limits.
@@ -11,6 +12,7 @@ Must never: change a result (it only saves time), or grow past its limits.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from sys import getsizeof
 from typing import Generic, TypeVar
 
 K = TypeVar("K", str, bytes)
@@ -41,9 +43,12 @@ class BoundedCache(dict[K, V], Generic[K, V]):
 
     def keep(self, computed: Mapping[K, V]) -> None:
         kept = {k: v for k, v in computed.items() if len(k) <= self.longest}
-        size = sum(len(k) + self._size(v) + ENTRY_OVERHEAD for k, v in kept.items())
-        if len(self) + len(kept) > self.entries or self.used + size > self.budget:
+        size = sum(self._cost(k, v) for k, v in kept.items())
+        replaced = sum(self._cost(k, self[k]) for k in kept if k in self)  # no longer count
+        if len(self) + len(kept) > self.entries or self.used - replaced + size > self.budget:
             self.clear()
+        else:
+            self.used -= replaced
         self.update(kept)
         self.used += size
 
@@ -51,11 +56,18 @@ class BoundedCache(dict[K, V], Generic[K, V]):
         """``keep({key: value})`` without building a mapping (one item per message)."""
         if len(key) > self.longest:
             return
-        size = len(key) + self._size(value) + ENTRY_OVERHEAD
-        if len(self) + 1 > self.entries or self.used + size > self.budget:
+        size = self._cost(key, value)
+        old = self.get(key)
+        replaced = 0 if old is None else self._cost(key, old)
+        if len(self) + 1 > self.entries or self.used - replaced + size > self.budget:
             self.clear()
+        else:
+            self.used -= replaced
         self[key] = value
         self.used += size
+
+    def _cost(self, key: K, value: V) -> int:
+        return getsizeof(key) + self._size(value) + ENTRY_OVERHEAD
 
     def clear(self) -> None:
         super().clear()

@@ -341,7 +341,8 @@ class _Walker:
             return
         attached = _simple_field(head, b"content-disposition") == "attachment"
         if ctype in _TEXT_TYPES and not attached:
-            self.text(_part_text(ctype, params.get("charset"), encoding, body))
+            if self.chars < MAX_TEXT_CHARS:  # past the limit a text part is not even decoded
+                self.text(_part_text(ctype, params.get("charset"), encoding, body))
         else:
             payload = _decode_transfer(body, encoding)
             if encoding != "base64" and b"\r\n" in payload:
@@ -353,7 +354,8 @@ class _Walker:
         boundary = params.get("boundary", "")
         chunks = _split_multipart(body, boundary.encode("latin-1", "replace")) if boundary else None
         if chunks is None:
-            self.text(_part_text("text/plain", params.get("charset"), "", body))
+            if self.chars < MAX_TEXT_CHARS:
+                self.text(_part_text("text/plain", params.get("charset"), "", body))
             return
         children = [_parse_head(chunk) for chunk in chunks]
         default = "message/rfc822" if ctype == "multipart/digest" else "text/plain"

@@ -91,3 +91,17 @@ def test_urls_count_against_the_lines_budget() -> None:
 
     # Counted as before this limit, lines of short URLs kept ~6 x the budget.
     assert _peak_kept(lines_of_urls, 30) < 2 * MB
+
+
+def test_wide_character_lines_count_their_real_size() -> None:
+    n._TEXTS.entries = 0  # keep the text cache out of the figure
+    n._LINES.budget = 1 * MB
+    emoji = [chr(c) for c in range(0x1F600, 0x1F650)]
+    rng = random.Random(7)
+
+    def wide_lines(_: int) -> None:
+        lines = ("".join(rng.choice(emoji) for _ in range(999)) + "x" for _ in range(50))
+        n.body_words("\n".join(lines))
+
+    # Counted by characters, lines of four-byte characters kept ~3.5 x the budget.
+    assert _peak_kept(wide_lines, 30) < 2 * MB

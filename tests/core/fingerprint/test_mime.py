@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -332,3 +333,21 @@ def test_a_repeated_part_gives_the_same_text_object_and_a_changed_one_its_own() 
     changed = body[:5000] + b"X" + body[5001:]  # same length, same probes
     assert mime._part_text("text/plain", "utf-8", "8bit", changed) == changed.decode("utf-8")
     assert all(len(k) <= mime._PARTS.longest for k in mime._PARTS)
+
+
+def test_text_parts_past_the_text_limit_are_not_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    decoded: list[str] = []
+    real = mime._decoded_part
+
+    def counting(ctype: str, charset: str | None, encoding: str, body: bytes) -> str:
+        decoded.append(ctype)
+        return real(ctype, charset, encoding, body)
+
+    monkeypatch.setattr(mime, "_decoded_part", counting)
+    long_part = "Content-Type: text/plain\r\n\r\n" + "word " * (mime.MAX_TEXT_CHARS // 5 + 1000)
+    html_parts = [f"Content-Type: text/html\r\n\r\n<p>part {i}</p>" for i in range(50)]
+    body = "".join(f"--b\r\n{part}\r\n" for part in [long_part, *html_parts]) + "--b--\r\n"
+    message = f'Content-Type: multipart/mixed; boundary="b"\r\n\r\n{body}'.encode()
+    extracted = extract(message)
+    assert decoded == ["text/plain"]  # the HTML parts come after the limit was reached
+    assert len(extracted.text) == mime.MAX_TEXT_CHARS
