@@ -83,7 +83,7 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from typing import cast, overload
 
 from mailguard.core.fingerprint.sketch import Fingerprint
@@ -94,21 +94,12 @@ CAMPAIGN = "camp"
 MAX_RESERVATION_ID = 128
 
 
-_RECIPIENT_KEYS: dict[str, str] = {}  # recipient_key's answers (a few thousand kept)
-_RECIPIENT_CACHE = 8192
-
-
+@lru_cache(maxsize=8192)  # a gate sends to the same recipients again and again
 def recipient_key(recipient: str) -> str:
     """The stored form of a recipient address: a hash of its normalized (lower-case) text."""
-    found = _RECIPIENT_KEYS.get(recipient)
-    if found is None:
-        normalized = recipient.strip().removeprefix("<").removesuffix(">").strip().lower()
-        data = normalized.encode("utf-8", "surrogatepass")
-        found = hashlib.blake2b(data, digest_size=16).hexdigest()
-        if len(_RECIPIENT_KEYS) >= _RECIPIENT_CACHE:
-            _RECIPIENT_KEYS.clear()
-        _RECIPIENT_KEYS[recipient] = found
-    return found
+    normalized = recipient.strip().removeprefix("<").removesuffix(">").strip().lower()
+    data = normalized.encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,8 +491,7 @@ def _reserve_call(
         raise ValueError(f"reservation id must be 1..{MAX_RESERVATION_ID} characters")
     if not customer:
         raise ValueError("customer id must not be empty")
-    known = _RECIPIENT_KEYS.get
-    rkeys = [known(r) or recipient_key(r) for r in recipients]
+    rkeys = [recipient_key(r) for r in recipients]
     args = [_num("now", now), rid, *_params_args(params)]
     args.append(_MONITORED.get(monitored) or str(int(monitored[0]) + 2 * int(monitored[1])))
     # One entry per distinct recipient (first copy's place), excused if any of its copies is.
