@@ -711,14 +711,7 @@ class RedisStore:
         if direct is None:
             redis = self.client
             return await self.run(operation, lambda: redis.execute_command(*args))
-        if self._closed:
-            raise StoreError(f"store {self.url}: {operation}: the store is closed")
-        try:
-            return await direct.call(args)
-        except (TimeoutError, RedisTimeoutError) as exc:
-            raise self._timed_out(operation) from exc
-        except (RedisError, OSError) as exc:
-            raise self._failed(operation, exc) from exc
+        return await self._on_link(operation, lambda: direct.call(args))
 
     async def run_script(
         self, operation: str, script: LuaScript, keys: Sequence[str], args: Sequence[Any]
@@ -732,10 +725,15 @@ class RedisStore:
         ``StoreError`` as with ``run``."""
         if self._direct is None:
             return await self.run(operation, lambda: script(keys=keys, args=args))
+        return await self._on_link(operation, lambda: script(keys=keys, args=args))
+
+    async def _on_link(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``, a call on the single server's pipelined connection (which bounds its
+        time itself), with every failure as ``StoreError`` as with ``run``."""
         if self._closed:
             raise StoreError(f"store {self.url}: {operation}: the store is closed")
         try:
-            return await script(keys=keys, args=args)
+            return await call()
         except (TimeoutError, RedisTimeoutError) as exc:
             raise self._timed_out(operation) from exc
         except (RedisError, OSError) as exc:
