@@ -223,6 +223,15 @@ class CampaignEnforcer:
         except StoreError as exc:
             log.warning("campaign %s: could not write the mail-bomb hold: %s", campaign, exc)
 
+    def may_hold(self, policy: Policy, customer: Customer) -> bool:
+        """False when no RCPT of ``customer`` can be held right now: ``policy`` cannot defer
+        anything for its limits (``Policy.checks_holds``), or this process knows the customer
+        has no holds (``MailbombHolds.none_cached``, with its staleness contract).  Synchronous
+        and cheap, so the doors ask it before :meth:`rcpt_holds` (the common case: no hold)."""
+        return policy.checks_holds(
+            customer.limits(self.policy_config)
+        ) and not self.holds.none_cached(customer.id)
+
     async def rcpt_holds(
         self,
         policy: Policy,
@@ -232,11 +241,11 @@ class CampaignEnforcer:
         now: float,
     ) -> list[Decision | None]:
         """Per recipient, the RCPT-time deferral its mail-bomb hold calls for (None: relay it).
-        One store read for all of them, none when no hold can apply (``Policy.checks_holds``).
+        One store read for all of them, none when no hold can apply (:meth:`may_hold`).
         Raises ``StoreError``: the door then relays the RCPT (end of DATA decides)."""
-        limits = customer.limits(self.policy_config)
-        if not recipients or not policy.checks_holds(limits):
+        if not recipients or not self.may_hold(policy, customer):
             return [None] * len(recipients)
+        limits = customer.limits(self.policy_config)
         holds = await self.holds.read(customer.id, mail_from, recipients)
         return [
             policy.mailbomb_hold(limits, recipient, hold, now)

@@ -176,12 +176,19 @@ class GateRuntime:
         finally:
             tx.policy_ms += (time.perf_counter() - start) * 1000
 
+    def may_hold(self, customer: Customer) -> bool:
+        """False when no RCPT of ``customer`` can be held right now
+        (``CampaignEnforcer.may_hold``): :meth:`rcpt_holds` would relay them all."""
+        enforcer = self.enforcer
+        return enforcer is not None and enforcer.may_hold(self.policy, customer)
+
     async def rcpt_holds(
         self, customer: Customer, tx: Transaction, recipients: list[str]
     ) -> list[Decision | None]:
         """Per recipient, the RCPT-time deferral of a mail-bomb hold (None: relay it); one store
-        read for the batch.  A store failure relays them all: end of DATA decides (and answers
-        the configured store-failure reply if the store is still down)."""
+        read for the batch (callers skip the call when not :meth:`may_hold`).  A store failure
+        relays them all: end of DATA decides (and answers the configured store-failure reply if
+        the store is still down)."""
         none: list[Decision | None] = [None] * len(recipients)
         if self.enforcer is None:
             return none

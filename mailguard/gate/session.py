@@ -509,7 +509,13 @@ class GateSession(SMTP):
                 parsed.append(parse_envelope_arg(one[3:], null_allowed=False))
             except AddressError as exc:
                 parsed.append(exc.reply)
-        holds = await self._rcpt_holds(tx, [p.address for p in parsed if not isinstance(p, str)])
+        addresses = [p.address for p in parsed if not isinstance(p, str)]
+        customer = self.customer
+        holds: list[Decision | None]
+        if addresses and customer is not None and self.runtime.may_hold(customer):
+            holds = await self.runtime.rcpt_holds(customer, tx, addresses)
+        else:  # no hold can apply (the common case): not even a coroutine
+            holds = [None] * len(addresses)
         replies: list[str | None] = []
         relay: list[tuple[int, str]] = []  # (index in args, address) to ask the upstream
         logged: list[tuple[int, dict[str, Any]]] = []  # decision-log entries to complete
@@ -575,12 +581,6 @@ class GateSession(SMTP):
             del buf[:pos]
             reader._maybe_resume_transport()  # type: ignore[attr-defined]
         return taken
-
-    async def _rcpt_holds(self, tx: Transaction, addresses: list[str]) -> list[Decision | None]:
-        """Per address, the mail-bomb hold's deferral (None: none), read once for the batch."""
-        if self.customer is None or not addresses:
-            return [None] * len(addresses)
-        return await self.runtime.rcpt_holds(self.customer, tx, addresses)
 
     async def _rcpt_refusal(
         self,

@@ -101,10 +101,8 @@ class MilterRuntime:
         store fails or does not answer in time: end of message decides then)."""
         setup = self.setup
         enforcer = setup.enforcer
-        if enforcer is None or not setup.policy.checks_holds(customer.limits(setup.config.policy)):
-            return None
-        if enforcer.holds.none_cached(customer.id):
-            return None  # no trip to the event loop for a customer without holds
+        if enforcer is None or not enforcer.may_hold(setup.policy, customer):
+            return None  # no trip to the event loop (the common case: no holds)
         try:
             [decision] = self.bridge.call(
                 enforcer.rcpt_holds(setup.policy, customer, mail_from, [recipient], self.clock()),

@@ -15,8 +15,8 @@ Keys (the customer's hash tag, so ``MGET`` and the script run on Redis Cluster):
 
 ``mbhold:any`` lives as long as any hold of the customer may: a read that finds it absent
 remembers for ``NONE_CACHE`` seconds (per process) that the customer has no holds, and reads of
-its recipients are skipped meanwhile (most customers never have one; the milter then skips
-even the trip to its event loop, ``none_cached``).  Staleness contract: a hold written by this
+its recipients are skipped meanwhile (most customers never have one; the doors then skip even
+the read's coroutine, the milter its event loop).  Staleness contract: a hold written by this
 process is honoured by every RCPT read that starts after the write returned (the write clears
 that memory, and a read that ran while a write of this process was in flight is not
 remembered); one written by another gate or milter is honoured at the latest by the reads

@@ -210,6 +210,37 @@ async def test_no_hold_when_turned_off_or_monitored(
     assert (await send(gate, campaign_copy(VICTIM, 11))).startswith(BOMB_11)
 
 
+async def test_rcpt_skips_the_read_while_no_hold_can_apply(
+    make_gate: MakeGate, upstream: RecordingUpstream
+) -> None:
+    """``may_hold``: after a read found no holds the gate's RCPTs read nothing (for
+    ``NONE_CACHE``); a hold written by this process makes them read again at once; a policy
+    that cannot hold never reads."""
+    gate = await make_gate()
+    acme = gate.gate.runtime.config.customers[0]
+    policy = gate.gate.runtime.policy
+    holds = enforcer(gate).holds
+    reads: list[list[str]] = []
+    original = holds.read
+
+    async def counting_read(customer: str, sender: str, recipients: Any) -> Any:
+        reads.append(list(recipients))
+        return await original(customer, sender, recipients)
+
+    holds.read = counting_read  # type: ignore[method-assign]
+    assert (await send(gate, CLEAN)).startswith("250")
+    assert not enforcer(gate).may_hold(policy, acme)
+    assert (await send(gate, CLEAN)).startswith("250")
+    assert len(reads) <= 1  # the first one, unless an earlier test's read is still remembered
+    reads.clear()
+    await bomb(gate)  # the 11th copy is refused: a hold is written
+    assert enforcer(gate).may_hold(policy, acme)
+    assert await send(gate, campaign_copy(VICTIM, 11)) == HELD
+    assert reads[-1] == [VICTIM]
+    off = await make_gate(extra='[policy]\nmailbomb_hold = "0s"\n')
+    assert not enforcer(off).may_hold(off.gate.runtime.policy, acme)
+
+
 # -- monitor mode counts what was sent ------------------------------------------------------
 
 
