@@ -170,6 +170,10 @@ async def test_closed_store_raises_store_error(redis_url: str) -> None:
     await store.close()  # idempotent
     with pytest.raises(StoreError, match="closed"):
         await store.ping()
+    with pytest.raises(StoreError, match="ping: the store is closed"):
+        await store.command("ping", "PING")
+    with pytest.raises(StoreError, match="note_auth_failure: the store is closed"):
+        await store.note_auth_failure(CLIENT, NOW, WINDOW)
 
 
 # -- outages ---------------------------------------------------------------------------------
