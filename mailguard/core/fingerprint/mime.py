@@ -431,22 +431,40 @@ def _recipients(values: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(names), tuple(addresses)
 
 
-def _extract(message: bytes) -> Extracted:
+def parse_message(message: bytes) -> tuple[_Head, bytes]:
+    """The header fields read here (see ``_parse_head``) and the body of a raw message; a
+    leading mbox ``From `` line is skipped."""
     data = message  # CRLF or LF: both are handled where line ends matter
     if data.startswith(b"From "):
         data = data[data.find(b"\n") + 1 :] if b"\n" in data else b""
-    head, body = _parse_head(data)
+    return _parse_head(data)
+
+
+def subject_of(head: _Head) -> str:
+    """The decoded Subject (its first ``MAX_SUBJECT_CHARS`` raw bytes), ``""`` without one."""
     subject = _field(head, b"subject")
-    names, addresses = _recipients([decode_header(v) for k, v in head if k in (b"to", b"cc")])
+    return decode_header(subject[:MAX_SUBJECT_CHARS]) if subject is not None else ""
+
+
+def addressees(head: _Head) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The display names and the addresses in To and Cc (``_recipients``)."""
+    return _recipients([decode_header(v) for k, v in head if k in (b"to", b"cc")])
+
+
+def content_of(head: _Head, body: bytes) -> tuple[str, tuple[str, ...]]:
+    """The message's text and attachment digests (module docstring).  They depend on nothing
+    but ``body`` and the fields of ``head`` other than Subject, To and Cc."""
     walker = _Walker()
     walker.entity(head, body, 0, "text/plain")
-    return Extracted(
-        subject=decode_header(subject[:MAX_SUBJECT_CHARS]) if subject is not None else "",
-        text="\n".join(walker.texts),
-        attachments=tuple(walker.attachments),
-        names=names,
-        addresses=addresses,
-    )
+    return "\n".join(walker.texts), tuple(walker.attachments)
+
+
+def _extract(message: bytes) -> Extracted:
+    head, body = parse_message(message)
+    subject = subject_of(head)
+    names, addresses = addressees(head)
+    text, attachments = content_of(head, body)
+    return Extracted(subject, text, attachments, names, addresses)
 
 
 def extract(message: bytes) -> Extracted:

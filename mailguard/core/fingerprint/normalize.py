@@ -625,6 +625,36 @@ def encoded_tokens(text: str, exclude: AbstractSet[bytes] = frozenset()) -> list
     return _words(text, exclude, None, False)
 
 
+def subject_tokens(text: str, exclude: AbstractSet[bytes] = frozenset()) -> list[bytes]:
+    """:func:`encoded_tokens` of a short text (a subject), cached.
+
+    Subjects of a campaign's copies repeat, and often differ only in numbers (an order or
+    invoice number): an ASCII text without ``@`` is cached with its digits as ``0``, which
+    gives the same words (cleaning ASCII only lowers its case, and the tokenizer reads every
+    digit as ``0`` before anything else looks at one).  The words are cached without
+    ``exclude``, which then only drops words, unless the text holds a URL (whose token depends
+    on it: computed in full).
+    """
+    if len(text) > MAX_CACHED_SUBJECT:
+        return encoded_tokens(text, exclude)
+    key = text.translate(_DIGITS_AS_ZERO) if text.isascii() and "@" not in text else text
+    words, urls = _subject_words(key)
+    if urls and exclude:
+        return encoded_tokens(text, exclude)
+    return [w for w in words if w not in exclude] if exclude else list(words)
+
+
+MAX_CACHED_SUBJECT = 1000
+_DIGITS_AS_ZERO = str.maketrans("123456789", "000000000")
+
+
+@lru_cache(maxsize=4096)
+def _subject_words(text: str) -> tuple[tuple[bytes, ...], bool]:
+    """The words of ``text``, nothing excluded, and whether it holds a URL (``_prepared``)."""
+    cleaned = clean(text)
+    return tuple(encoded_tokens(text)), "://" in cleaned or "www." in cleaned
+
+
 def words_and_links(
     text: str, exclude: AbstractSet[bytes] = frozenset(), *, breaks: bool = False
 ) -> tuple[list[bytes], list[bytes]]:
@@ -765,6 +795,24 @@ def _present(found: _TextWords, exclude: AbstractSet[bytes]) -> Collection[bytes
             found.vocabulary = vocabulary
             _TEXTS.used += size
     return [w for w in exclude if w in vocabulary or w.split() != [w]]
+
+
+def exclusion_words(text: str) -> frozenset[bytes]:
+    """The words whose removal could change :func:`body_words` of ``text``: its words and the
+    host labels and path segments of its URLs (of both windows a long text may be read by).
+
+    ``body_words(text, exclude) == body_words(text)`` whenever ``exclude`` holds none of them
+    and each of its words is one word without white space (as :func:`recipient_terms` gives).
+    """
+    windows = [text] if len(text) <= MAX_CHARS else [text[:MAX_CHARS], squeezed(text)]
+    words: set[bytes] = set()
+    for window in windows:
+        found = _TEXTS.get(window) or _text_words(window)
+        words.update(found.spaced.split())
+        for url in found.urls:
+            labels, segments, _ = _cached_url_parts(url)
+            words.update(x.encode("utf-8", "surrogatepass") for x in (*labels, *segments))
+    return frozenset(words)
 
 
 def _strings_size(strings: tuple[str, ...]) -> int:

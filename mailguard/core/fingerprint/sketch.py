@@ -90,14 +90,26 @@ VERSION 4 squeezed every window more than a third white space, at 0.1-0.15 ms pe
 Must never: do I/O, read a clock or the environment, or depend on ``hash()`` (randomized per
 process): fingerprints are stored and compared across processes and machines, so any change
 to how they are computed needs a new ``VERSION`` (the tests pin values).  The caches here
-(word hashes, sentence values, masks, bodies' bins, densification orders; the normalizer's
-lines) only save time and are safe under threads.
+(word hashes, sentence values, masks, bodies' bins, densification orders, repeated contents;
+the normalizer's lines, texts and subjects) only save time and are safe under threads.
+
+**Repeated contents.**  Copies of a campaign that is not personalized carry the same body
+byte for byte under a header of their own (To, Subject, Message-ID).  From the second time a
+content (the body and the header fields that decide its decoding) is met, what its
+fingerprint needs is kept (``_REPEATS``): its decoded text and attachments, the body's part
+with nothing removed, and the words whose removal could change that part.  A copy then costs
+its header (To/Cc names and addresses, subject) and a set test: when none of its recipients'
+words is in the body or its links, the kept part serves; otherwise the body's part is computed
+with them removed (the text is still not decoded again).  The result is the same value the
+full way gives (tests compare them); a 2 KB copy costs about 125k instructions instead of
+225k (callgrind).
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
+import sys
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -107,13 +119,21 @@ import numpy as np
 from numpy.typing import NDArray
 
 from mailguard.core.fingerprint.cache import BoundedCache
-from mailguard.core.fingerprint.mime import Extracted, extract
+from mailguard.core.fingerprint.mime import (
+    Extracted,
+    addressees,
+    content_of,
+    extract,
+    parse_message,
+    subject_of,
+)
 from mailguard.core.fingerprint.normalize import (
     BREAK,
     body_words,
     encode_terms,
-    encoded_tokens,
+    exclusion_words,
     recipient_terms,
+    subject_tokens,
 )
 
 Kind = Literal["sketch", "exact"]
@@ -449,36 +469,151 @@ def _body_values(spaced: bytes) -> NDArray[np.uint32]:
     return np.frombuffer(b"".join(_SENTENCES.values_of(sentences, _sentence_values)), _U32)
 
 
-def fingerprint_of(extracted: Extracted, recipients: Sequence[str] = ()) -> Fingerprint:
-    """The fingerprint of an already decoded message (see :func:`fingerprint`)."""
-    names = recipient_terms((*extracted.names, *extracted.addresses, *recipients))
-    exclude = encode_terms(names)
-    spaced, link_list = body_words(extracted.text, exclude)
+@dataclass(frozen=True, slots=True)
+class _Body:
+    """What the body gives a fingerprint, its recipients' words removed: the bins of its
+    features when it has ``SHORT_WORDS`` words or more (``bins``), else its words (``words``,
+    for the exact digest); its word count and its sorted distinct links."""
+
+    bins: _Bins | None
+    count: int
+    links: list[bytes]
+    words: list[bytes]
+
+
+def _body(text: str, exclude: frozenset[bytes]) -> _Body:
+    """The :class:`_Body` of a message's text without the words of ``exclude``."""
+    spaced, link_list = body_words(text, exclude)
     links = sorted(set(link_list))
-    subject = encoded_tokens(extracted.subject, exclude)
     bins = _BODIES.get(spaced)  # only bodies of SHORT_WORDS words or more are kept
     if bins is None:
         words = spaced.count(b" ") - 1 - spaced.count(BREAK)
         if words < SHORT_WORDS:
-            body = [w for w in spaced.split() if w != BREAK]
-            blob = b"\x00".join(subject) + b"\x01" + b"\x00".join(body)
-            blob += b"\x01" + b"\x00".join(links) + b"\x01"
-            blob += ",".join(sorted(extracted.attachments)).encode("utf-8", "surrogatepass")
-            digest = hashlib.blake2b(blob, digest_size=_DIGEST_SIZE, person=b"mg-exact").digest()
-            return Fingerprint("exact", digest, words)
+            return _Body(None, words, links, [w for w in spaced.split() if w != BREAK])
         bins = _bins(_body_values(spaced), words)
         _BODIES.keep_one(spaced, bins)
+    return _Body(bins, bins.words, links, [])
+
+
+def _assembled(body: _Body, subject: list[bytes], attachments: tuple[str, ...]) -> Fingerprint:
+    """The fingerprint of a body, the subject's words and the attachments' digests."""
+    bins = body.bins
+    if bins is None:
+        blob = b"\x00".join(subject) + b"\x01" + b"\x00".join(body.words)
+        blob += b"\x01" + b"\x00".join(body.links) + b"\x01"
+        blob += ",".join(sorted(attachments)).encode("utf-8", "surrogatepass")
+        digest = hashlib.blake2b(blob, digest_size=_DIGEST_SIZE, person=b"mg-exact").digest()
+        return Fingerprint("exact", digest, body.count)
     extra = _subject_values(_hash_values(subject)) if subject else []
-    if links:
-        extra += _link_values(_hash_values(links))
-    if extracted.attachments:
-        extra += _attachment_values(extracted.attachments)
+    if body.links:
+        extra += _link_values(_hash_values(body.links))
+    if attachments:
+        extra += _attachment_values(attachments)
     return Fingerprint("sketch", _densified(*_with_extra(bins, extra)), min(bins.words, 0xFFFF))
+
+
+def fingerprint_of(extracted: Extracted, recipients: Sequence[str] = ()) -> Fingerprint:
+    """The fingerprint of an already decoded message (see :func:`fingerprint`)."""
+    names = recipient_terms((*extracted.names, *extracted.addresses, *recipients))
+    exclude = encode_terms(names)
+    body = _body(extracted.text, exclude)
+    return _assembled(body, subject_tokens(extracted.subject, exclude), extracted.attachments)
+
+
+@dataclass(slots=True)
+class _Repeat:
+    """What is kept of a message content met more than once (``_REPEATS``): the raw body
+    (compared whole on every hit), the text and attachments decoded from it, the words whose
+    removal could change its body's part (``normalize.exclusion_words``), that part with
+    nothing removed, and the last fingerprint assembled from it with its subject's words
+    (set again by any thread: each value is a whole tuple)."""
+
+    raw: bytes
+    text: str
+    attachments: tuple[str, ...]
+    words: frozenset[bytes]
+    plain: _Body
+    size: int
+    last: tuple[list[bytes], Fingerprint] | None = None
+
+
+def _repeat(raw: bytes, text: str, attachments: tuple[str, ...]) -> _Repeat:
+    words = exclusion_words(text)
+    plain = _body(text, frozenset())
+    size = len(raw) + sys.getsizeof(text) + sys.getsizeof(words) + sum(map(sys.getsizeof, words))
+    size += 2048 + sum(map(len, plain.links)) + sum(map(len, plain.words))  # bins, fingerprint
+    return _Repeat(raw, text, attachments, words, plain, size)
+
+
+# Message contents met more than once, by the fields of the header that decide how the body
+# is decoded and the body itself (only its length and first and last _REPEAT_PROBE bytes in the
+# key; the whole body is compared on a hit).  A content is kept from the second time it is met
+# (_SEEN holds the hashes of those met once, so a personalized message, whose content is its
+# own every time, costs a key and evicts nothing).  At most 1,024 contents of at most
+# MAX_REPEATED_BODY bytes, about 16 MB in all (raw body, text, words), and 65,536 hashes.
+_REPEAT_PROBE = 1024
+MAX_REPEATED_BODY = 1 << 20
+_REPEATS: BoundedCache[bytes, _Repeat] = BoundedCache(
+    1 << 10, 16 << 20, 4 * _REPEAT_PROBE + 4096, lambda value: value.size
+)
+_SEEN: set[int] = set()
+_SEEN_LIMIT = 1 << 16
+_PER_COPY = (b"subject", b"to", b"cc")  # fields that do not decide how the body is decoded
+
+
+def _repeat_of(head: list[tuple[bytes, bytes]], raw: bytes) -> _Repeat | None:
+    """What is kept of the content of a message with ``head`` and body ``raw``; None when it
+    is met for the first time (or is too long to keep)."""
+    if len(raw) > MAX_REPEATED_BODY:
+        return None
+    about = b"\n".join(name + b":" + value for name, value in head if name not in _PER_COPY)
+    probe = raw if len(raw) <= 2 * _REPEAT_PROBE else raw[:_REPEAT_PROBE] + raw[-_REPEAT_PROBE:]
+    key = b"%d %d " % (len(about), len(raw)) + about + probe
+    entry = _REPEATS.get(key)
+    if entry is not None:
+        return entry if entry.raw == raw else None
+    seen = hash(key)  # (a collision only keeps a content from its first time)
+    if seen not in _SEEN:
+        if len(_SEEN) >= _SEEN_LIMIT:
+            _SEEN.clear()
+        _SEEN.add(seen)
+        return None
+    entry = _repeat(raw, *content_of(head, raw))
+    _REPEATS.keep_one(key, entry)
+    return entry
+
+
+def _fingerprint(message: bytes, recipients: Sequence[str]) -> Fingerprint:
+    """``fingerprint_of(extract(message), recipients)`` (the same value; it may raise where
+    ``extract`` falls back), the body's part taken from what was kept of a repeated content:
+    the text and attachments depend only on the content (``mime.content_of``), and the body's
+    part only on the text and on which of the recipients' words it holds
+    (``normalize.exclusion_words``); names, addresses and subject are read from each copy."""
+    head, raw = parse_message(message)
+    names, addresses = addressees(head)
+    exclude = encode_terms(recipient_terms((*names, *addresses, *recipients)))
+    subject = subject_tokens(subject_of(head), exclude)
+    entry = _repeat_of(head, raw)
+    if entry is None:
+        text, attachments = content_of(head, raw)
+        return _assembled(_body(text, exclude), subject, attachments)
+    if not exclude.isdisjoint(entry.words):
+        return _assembled(_body(entry.text, exclude), subject, entry.attachments)
+    last = entry.last
+    if last is not None and last[0] == subject:
+        return last[1]
+    found = _assembled(entry.plain, subject, entry.attachments)
+    entry.last = (subject, found)
+    return found
 
 
 def fingerprint(message: bytes, recipients: Sequence[str] = ()) -> Fingerprint:
     """The fingerprint of a raw RFC 5322 message; ``recipients`` are envelope addresses."""
-    return fingerprint_of(extract(message), recipients)
+    data = bytes(message)
+    try:
+        return _fingerprint(data, recipients)
+    except Exception:  # extract falls back on what it cannot decode; so does this, through it
+        return fingerprint_of(extract(data), recipients)
 
 
 # Per 16-bit lane: the low byte of each lane, and bit 0 of each lane.

@@ -105,3 +105,32 @@ def test_wide_character_lines_count_their_real_size() -> None:
 
     # Counted by characters, lines of four-byte characters kept ~3.5 x the budget.
     assert _peak_kept(wide_lines, 30) < 2 * MB
+
+
+def test_repeated_contents_stay_within_their_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Contents kept for their copies (``sketch._REPEATS``: raw body, text, the set of their
+    words) count what they hold: contents of many distinct short words, each met twice."""
+    from mailguard.core.fingerprint import mime, sketch
+
+    others = (n._LINES, n._TEXTS, sketch._BODIES, sketch._SENTENCES, sketch._WORD_HASHES)
+
+    def peak(entries: int) -> int:
+        repeats = BoundedCache(entries, 2 * MB, sketch._REPEATS.longest, sketch._REPEATS._size)
+        monkeypatch.setattr(sketch, "_REPEATS", repeats)
+        rng = random.Random(4)
+
+        def content_twice(i: int) -> None:
+            letters = "abcdefghijklmnopqrstuvwxyz"
+            words = ["".join(rng.choice(letters) for _ in range(4)) for _ in range(6000)]
+            body = "\n".join(" ".join(words[j : j + 12]) + "." for j in range(0, 6000, 12))
+            for to in ("a@x.example", "b@x.example"):
+                sketch.fingerprint(f"To: {to}\nSubject: {i}\n\n{body}\n".encode(), [to])
+            for cache in (*others, mime._PARTS):  # only _REPEATS keeps anything
+                cache.clear()
+
+        found = _peak_kept(content_twice, 30)
+        assert len(repeats) <= max(entries, 1)
+        return found
+
+    # Kept uncounted, 30 such contents would take ~15 MB.
+    assert peak(1 << 10) - peak(0) < 2.5 * MB

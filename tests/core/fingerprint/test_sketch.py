@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailguard.core.fingerprint import normalize, sketch
+from mailguard.core.fingerprint import mime, normalize, sketch
 from mailguard.core.fingerprint.sketch import (
     LANES,
     SIMILARITY_THRESHOLD,
@@ -23,7 +23,7 @@ from mailguard.core.fingerprint.sketch import (
     shingle_values,
     similarity,
 )
-from tests.core.fingerprint.messages import PARAGRAPHS, Letter, campaign_letter, render
+from tests.core.fingerprint.messages import PARAGRAPHS, SHAPES, Letter, campaign_letter, render
 
 LONG = render(campaign_letter(PARAGRAPHS[:3], "John", "Smith", "tok8f3k2j9", 42), "alternative")
 
@@ -92,8 +92,9 @@ def test_caches_only_save_time(picks: list[int]) -> None:
     ]
     warm = [fingerprint(message) for message in letters]
     caches = (sketch._WORD_HASHES, sketch._SENTENCES, sketch._BODIES, sketch._DENSE_ORDERS)
-    for cache in (*caches, normalize._LINES, normalize._TEXTS):
+    for cache in (*caches, sketch._REPEATS, sketch._SEEN, normalize._LINES, normalize._TEXTS):
         cache.clear()
+    normalize._subject_words.cache_clear()
     cold = [fingerprint(message) for message in reversed(letters)]
     assert warm == cold[::-1]
 
@@ -299,11 +300,86 @@ def test_the_caches_stay_within_their_limits() -> None:
     for i in range(60):
         lines = "\n".join(f"{junk(rng.randint(5, 150))}." for _ in range(40))
         fingerprint(f"Subject: junk {i}\n\n{lines}\n".encode())
-        for cache in (normalize._LINES, normalize._TEXTS, sketch._SENTENCES, sketch._BODIES):
+        caches = (normalize._LINES, normalize._TEXTS, sketch._SENTENCES, sketch._BODIES)
+        for cache in (*caches, sketch._REPEATS):
             assert len(cache) <= cache.entries
             assert cache.used <= cache.budget
             assert all(len(key) <= cache.longest for key in cache)
         assert len(sketch._WORD_HASHES) <= sketch._WORD_CACHE_LIMIT
         assert len(sketch._DENSE_ORDERS) <= sketch._DENSE_ORDER_LIMIT
+        assert len(sketch._SEEN) <= sketch._SEEN_LIMIT
     assert all(len(x) <= normalize.MAX_CACHED_LINE for x in normalize._LINES)
     assert all(len(w) <= sketch._CACHED_WORD for w in sketch._WORD_HASHES)
+
+
+def _copies(shape: str) -> list[tuple[bytes, tuple[str, ...]]]:
+    """Copies of one content (same body bytes) to different people: names that are and are
+    not in the body, envelope recipients whose local part is a body word, subjects that differ
+    in numbers or hold a URL with a recipient's name, a short body (exact digest)."""
+    paragraphs = (PARAGRAPHS[1], PARAGRAPHS[4])
+    word = PARAGRAPHS[4].split()[3].strip(".,").lower()
+    out = []
+    for i, (to, rcpt, subject) in enumerate(
+        [
+            ("Ann Lee <ann@x.example>", "ann@x.example", "Your order 1234 shipped"),
+            ("Ann Lee <ann@x.example>", "ann@x.example", "Your order 98 shipped"),
+            ("Bob Roe <bob@x.example>", "bob@x.example", "Your order 98 shipped"),
+            ("Zed <zed@x.example>", f"{word}@x.example", "Your order 5 shipped"),
+            (f"{word.title()} Smith <s@x.example>", "s@x.example", "Your order 5 shipped"),
+            ("Ann Lee <ann@x.example>", "ann@x.example", "See https://ann.example/lee 7"),
+            ("Bob Roe <bob@x.example>", "bob@x.example", "See https://ann.example/lee 7"),
+            ("Ann Lee <ann@x.example>", "ann@x.example", "Über 12 Angebote für Ann"),
+            ("Bob Roe <bob@x.example>", "bob@x.example", "Über 13 Angebote für Ann"),
+        ]
+    ):
+        letter = Letter(subject=subject, paragraphs=paragraphs, greeting="Dear Ann Lee,", to=to)
+        out.append((render(letter, shape), (rcpt,)))
+        short = Letter(subject=subject, paragraphs=(f"Hi {i % 2}",), to=to)
+        out.append((render(short, shape), (rcpt,)))
+    return out
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_repeated_contents_give_what_the_full_way_gives(
+    shape: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy whose content was met before is fingerprinted from what was kept of it
+    (``_repeated``): the same value as decoding and normalizing it all again, whoever it is
+    addressed to; and its content is decoded once to be kept, not for every copy."""
+    decoded = []
+    content_of = sketch.content_of
+    monkeypatch.setattr(sketch, "content_of", lambda *a: decoded.append(1) or content_of(*a))
+    sketch._REPEATS.clear()
+    sketch._SEEN.clear()
+    copies = _copies(shape)
+    for _ in range(3):
+        for message, rcpts in copies:
+            full = sketch.fingerprint_of(mime.extract(message), rcpts)
+            assert fingerprint(message, rcpts) == full
+    contents = len({mime.parse_message(message)[1] for message, _ in copies})
+    assert len(sketch._REPEATS) == contents
+    assert len(decoded) == 2 * contents  # the first time, and once more to be kept
+
+
+def test_subject_tokens_are_those_of_the_full_way() -> None:
+    """The cached subject words (digits as 0 for ASCII subjects) are exactly the tokens."""
+    rng = random.Random(3)
+    wide_ann = "\uff41\uff4e\uff4e"  # fullwidth: "ann" after NFKC, "www." too below
+    wide_www = "\uff57\uff57\uff57\uff0eann\uff0eexample"
+    pieces = ["Order", "#", "12", "3.5", "1,000", "x9y", "www.shop.example/Ann", "ann@x.example"]
+    pieces += ["http://t.example/ann/7", "\u00dcber", wide_ann, wide_www, "--", "Ann", "0"]
+    exclude = frozenset({b"ann", b"lee"})
+    for _ in range(400):
+        subject = " ".join(rng.choice(pieces) for _ in range(rng.randint(1, 6)))
+        for ex in (frozenset(), exclude):
+            assert normalize.subject_tokens(subject, ex) == normalize.encoded_tokens(subject, ex)
+
+
+def test_exclusion_words_decide_whether_removal_matters() -> None:
+    text = "Dear Ann, see https://shop.example/ann/offers or www.lee.example today.\nBye."
+    words = normalize.exclusion_words(text)
+    assert {b"ann", b"offers", b"lee", b"today", b"shop"} <= words
+    plain = normalize.body_words(text)
+    assert normalize.body_words(text, frozenset({b"zed", b"bob"})) == plain
+    for word in (b"ann", b"lee", b"offers"):
+        assert normalize.body_words(text, frozenset({word})) != plain
