@@ -23,11 +23,12 @@ is passed in).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from functools import lru_cache
+from typing import Any
 
 from mailguard.config.schema import CampaignLimits, Customer, PolicyConfig
 from mailguard.core.customers import in_networks
@@ -49,6 +50,7 @@ from mailguard.store.counting import (
     CampaignDecider,
     CountingParams,
     Reservation,
+    SettleOutcome,
 )
 from mailguard.store.holds import MailbombHolds
 from mailguard.store.inspection import Inspection
@@ -104,6 +106,18 @@ def _counting_params(limits: CampaignLimits) -> CountingParams:
 
 
 @lru_cache(maxsize=256)
+def _sender_without_optin(
+    designated: bool, transactional: bool, recipients: int, list_unsubscribe: bool, one_click: bool
+) -> tuple[SenderFacts, tuple[bool, ...]]:
+    """The facts of a sender whose recipients' opt-in records are not looked up (none is taken
+    as confirmed), and whom they excuse: most messages share a few of these (frozen) values."""
+    sender = SenderFacts(
+        designated, transactional, (False,) * recipients, list_unsubscribe, one_click
+    )
+    return sender, excused(sender)
+
+
+@lru_cache(maxsize=256)
 def _lowered(senders: tuple[str, ...]) -> frozenset[str]:
     return frozenset(s.lower() for s in senders)
 
@@ -127,6 +141,23 @@ class CampaignEnforcer:
         self.inspection = Inspection(store)
         self.holds = MailbombHolds(store)
         self.policy_config = policy_config
+        # customer id -> (the customer, what _rules_of returns for it)
+        self._rules: dict[
+            str, tuple[Customer, tuple[CampaignLimits, CountingParams, tuple[bool, bool]]]
+        ] = {}
+
+    def _rules_of(
+        self, customer: Customer
+    ) -> tuple[CampaignLimits, CountingParams, tuple[bool, bool]]:
+        """``customer``'s limits, the store's counting parameters for them, and which rules only
+        monitor (``monitored``); kept per customer (both it and the policy config are frozen)."""
+        found = self._rules.get(customer.id)
+        if found is not None and found[0] is customer:
+            return found[1]
+        limits = customer.limits(self.policy_config)
+        rules = (limits, _counting_params(limits), monitored(self.policy_config, limits))
+        self._rules[customer.id] = (customer, rules)
+        return rules
 
     async def decide(
         self,
@@ -144,28 +175,34 @@ class CampaignEnforcer:
         When the result is not refused the caller must settle ``reservation``: commit once the
         upstream accepted the message, release otherwise.  Raises ``StoreError``.
         """
-        limits = customer.limits(self.policy_config)
+        limits, params, monitors = self._rules_of(customer)
         fp = fingerprint(message, recipients)
         headers = ListHeaders.of(message)
         designated = customer.bulk_sender or in_networks(client_ip, customer.bulk_networks)
         transactional = mail_from.lower() in _lowered(customer.transactional_senders)
         if designated and not transactional:
             optin = tuple(await self.optin.has_confirmed(customer.id, headers.list_id, recipients))
+            sender = SenderFacts(
+                designated, transactional, optin, headers.list_unsubscribe, headers.one_click
+            )
+            free = excused(sender)
         else:
-            optin = (False,) * len(recipients)
-        sender = SenderFacts(
-            designated, transactional, optin, headers.list_unsubscribe, headers.one_click
-        )
-        free = excused(sender)
+            sender, free = _sender_without_optin(
+                designated,
+                transactional,
+                len(recipients),
+                headers.list_unsubscribe,
+                headers.one_click,
+            )
         campaign, result = await self.decider.assign_and_reserve(
             customer.id,
             fp,
             recipients,
             now,
-            params=_counting_params(limits),
+            params=params,
             excused=free,
             reservation_id=reservation_id,
-            monitored=monitored(self.policy_config, limits),
+            monitored=monitors,
         )
         decided = result.recipients
         if decided.plain:  # every recipient NEW or SEEN: none to name (the common case)
@@ -228,9 +265,8 @@ class CampaignEnforcer:
         anything for its limits (``Policy.checks_holds``), or this process knows the customer
         has no holds (``MailbombHolds.none_cached``, with its staleness contract).  Synchronous
         and cheap, so the doors ask it before :meth:`rcpt_holds` (the common case: no hold)."""
-        return policy.checks_holds(
-            customer.limits(self.policy_config)
-        ) and not self.holds.none_cached(customer.id)
+        limits = self._rules_of(customer)[0]
+        return policy.checks_holds(limits) and not self.holds.none_cached(customer.id)
 
     async def rcpt_holds(
         self,
@@ -245,13 +281,15 @@ class CampaignEnforcer:
         Raises ``StoreError``: the door then relays the RCPT (end of DATA decides)."""
         if not recipients or not self.may_hold(policy, customer):
             return [None] * len(recipients)
-        limits = customer.limits(self.policy_config)
+        limits = self._rules_of(customer)[0]
         holds = await self.holds.read(customer.id, mail_from, recipients)
         return [
             policy.mailbomb_hold(limits, recipient, hold, now)
             for recipient, hold in zip(recipients, holds, strict=True)
         ]
 
-    async def settle(self, reservation: Reservation, *, sent: bool, now: float) -> None:
-        """Count the message if the upstream accepted it, forget it otherwise."""
-        await self.counter.settle(reservation, commit=sent, now=now)
+    def settle(
+        self, reservation: Reservation, *, sent: bool, now: float
+    ) -> Coroutine[Any, Any, SettleOutcome]:
+        """Count the message if the upstream accepted it, forget it otherwise (to await)."""
+        return self.counter.settle(reservation, commit=sent, now=now)

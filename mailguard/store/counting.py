@@ -431,7 +431,8 @@ class _ReserveCall:
         )
 
 
-_VERDICTS = {int(v): v for v in Verdict}
+_VERDICTS = {int(v): v for v in Verdict}  # a dict lookup: calling an enum class costs more
+_OUTCOMES = {int(v): v for v in SettleOutcome}
 
 
 def _new_reservation_id() -> str:
@@ -555,7 +556,8 @@ class CampaignCounter:
         args = [_num("now", now), reservation.id, "1" if commit else "0"]
         args += reservation.recipient_keys
         raw = await self.store.run_script("campaign_settle", self._settle, script_keys, args)
-        return SettleOutcome(int(raw))
+        outcome = _OUTCOMES.get(int(raw))  # UNKNOWN is 0: no ``or`` here
+        return outcome if outcome is not None else SettleOutcome(int(raw))
 
     async def commit(self, reservation: Reservation, now: float) -> SettleOutcome:
         """The message was sent: its reservation becomes counted sends."""

@@ -107,14 +107,15 @@ def decide(
     The rules are checked in order; the first refusal whose action is not ``monitor`` decides.
     When every refusal found is monitored, the first one is returned with action ``monitor``
     (the caller accepts the message and logs it)."""
-    first_monitored: tuple[Verdict, RuleAction] | None = None
-    for finding in _findings(policy, limits, count, sender):
-        if finding[1] != "monitor":
-            return finding
-        if first_monitored is None:
-            first_monitored = finding
-    if first_monitored is not None:
-        return first_monitored
+    if count.recipients or count.bulk:  # else no rule has anything to find (most mail)
+        first_monitored: tuple[Verdict, RuleAction] | None = None
+        for finding in _findings(policy, limits, count, sender):
+            if finding[1] != "monitor":
+                return finding
+            if first_monitored is None:
+                first_monitored = finding
+        if first_monitored is not None:
+            return first_monitored
     return Accept(rule="campaign", numbers=_accept_numbers(count, limits)), None
 
 
