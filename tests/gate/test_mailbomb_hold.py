@@ -152,11 +152,8 @@ async def test_hold_ends_when_a_copy_would_be_accepted_again(
     assert (await send(gate, campaign_copy(VICTIM, 12))).startswith("250")
 
 
-async def test_pipelined_rcpts_one_read_only_the_held_one_deferred(
-    make_gate: MakeGate, upstream: RecordingUpstream
-) -> None:
-    gate = await make_gate()
-    await bomb(gate)
+def count_hold_reads(gate: RunningGate) -> list[list[str]]:
+    """The recipients of every holds read the gate makes from now on (one list per read)."""
     holds = enforcer(gate).holds
     reads: list[list[str]] = []
     original = holds.read
@@ -166,6 +163,15 @@ async def test_pipelined_rcpts_one_read_only_the_held_one_deferred(
         return await original(customer, sender, recipients)
 
     holds.read = counting_read  # type: ignore[method-assign]
+    return reads
+
+
+async def test_pipelined_rcpts_one_read_only_the_held_one_deferred(
+    make_gate: MakeGate, upstream: RecordingUpstream
+) -> None:
+    gate = await make_gate()
+    await bomb(gate)
+    reads = count_hold_reads(gate)
     async with RawClient(gate.host, gate.port) as c:
         await c.ehlo()
         await c.send(
@@ -219,15 +225,7 @@ async def test_rcpt_skips_the_read_while_no_hold_can_apply(
     gate = await make_gate()
     acme = gate.gate.runtime.config.customers[0]
     policy = gate.gate.runtime.policy
-    holds = enforcer(gate).holds
-    reads: list[list[str]] = []
-    original = holds.read
-
-    async def counting_read(customer: str, sender: str, recipients: Any) -> Any:
-        reads.append(list(recipients))
-        return await original(customer, sender, recipients)
-
-    holds.read = counting_read  # type: ignore[method-assign]
+    reads = count_hold_reads(gate)
     assert (await send(gate, CLEAN)).startswith("250")
     assert not enforcer(gate).may_hold(policy, acme)
     assert (await send(gate, CLEAN)).startswith("250")
