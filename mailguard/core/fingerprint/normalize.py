@@ -808,7 +808,7 @@ def exclusion_words(text: str) -> frozenset[bytes]:
     words: set[bytes] = set()
     for window in windows:
         found = _TEXTS.get(window) or _text_words(window)
-        words.update(found.spaced.split())
+        words.update(found.vocabulary or found.spaced.split())
         for url in found.urls:
             labels, segments, _ = _cached_url_parts(url)
             words.update(x.encode("utf-8", "surrogatepass") for x in (*labels, *segments))

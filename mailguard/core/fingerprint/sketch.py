@@ -512,10 +512,16 @@ def _assembled(body: _Body, subject: list[bytes], attachments: tuple[str, ...]) 
     return Fingerprint("sketch", _densified(*_with_extra(bins, extra)), min(bins.words, 0xFFFF))
 
 
+def _exclude(
+    names: Sequence[str], addresses: Sequence[str], recipients: Sequence[str]
+) -> frozenset[bytes]:
+    """The recipients' words removed from a message (``normalize.recipient_terms``, encoded)."""
+    return encode_terms(recipient_terms((*names, *addresses, *recipients)))
+
+
 def fingerprint_of(extracted: Extracted, recipients: Sequence[str] = ()) -> Fingerprint:
     """The fingerprint of an already decoded message (see :func:`fingerprint`)."""
-    names = recipient_terms((*extracted.names, *extracted.addresses, *recipients))
-    exclude = encode_terms(names)
+    exclude = _exclude(extracted.names, extracted.addresses, recipients)
     body = _body(extracted.text, exclude)
     return _assembled(body, subject_tokens(extracted.subject, exclude), extracted.attachments)
 
@@ -538,8 +544,8 @@ class _Repeat:
 
 
 def _repeat(raw: bytes, text: str, attachments: tuple[str, ...]) -> _Repeat:
+    plain = _body(text, frozenset())  # first: it keeps the text's words for exclusion_words
     words = exclusion_words(text)
-    plain = _body(text, frozenset())
     size = len(raw) + sys.getsizeof(text) + sys.getsizeof(words) + sum(map(sys.getsizeof, words))
     size += 2048 + sum(map(len, plain.links)) + sum(map(len, plain.words))  # bins, fingerprint
     return _Repeat(raw, text, attachments, words, plain, size)
@@ -590,8 +596,7 @@ def _fingerprint(message: bytes, recipients: Sequence[str]) -> Fingerprint:
     part only on the text and on which of the recipients' words it holds
     (``normalize.exclusion_words``); names, addresses and subject are read from each copy."""
     head, raw = parse_message(message)
-    names, addresses = addressees(head)
-    exclude = encode_terms(recipient_terms((*names, *addresses, *recipients)))
+    exclude = _exclude(*addressees(head), recipients)
     subject = subject_tokens(subject_of(head), exclude)
     entry = _repeat_of(head, raw)
     if entry is None:
