@@ -74,6 +74,15 @@ class BoundedCache(dict[K, V], Generic[K, V]):
         self.used = 0
 
 
+def probed_key(about: bytes, data: bytes, probe: int) -> bytes:
+    """A short key for long ``data`` described by ``about``: both lengths, ``about``, and
+    ``data`` itself when at most ``2 * probe`` bytes long, else its first and last ``probe``
+    bytes.  Unambiguous (the lengths say where each part ends), but not unique: a cache keyed
+    by it keeps ``data`` and counts a hit only when the whole of it is equal too."""
+    probed = data if len(data) <= 2 * probe else data[:probe] + data[-probe:]
+    return b"%d %d " % (len(about), len(data)) + about + probed
+
+
 T = TypeVar("T")
 
 

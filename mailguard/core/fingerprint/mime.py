@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from types import MappingProxyType
 
-from mailguard.core.fingerprint.cache import BoundedCache
+from mailguard.core.fingerprint.cache import BoundedCache, probed_key
 from mailguard.core.fingerprint.html import visible_text
 
 MAX_DEPTH = 8
@@ -384,12 +384,8 @@ def _part_text(ctype: str, charset: str | None, encoding: str, body: bytes) -> s
     """:func:`_decoded_part`, cached (``_PARTS``): equal arguments give the same ``str``."""
     if len(body) > MAX_CACHED_PART:
         return _decoded_part(ctype, charset, encoding, body)
-    # (no field holds a line break: the description cannot run into the body's bytes)
-    about = f"{ctype}\n{charset!r}\n{encoding}\n{len(body)}\n".encode("utf-8", "surrogatepass")
-    if len(body) <= 2 * _PART_PROBE:
-        key = about + body
-    else:
-        key = about + body[:_PART_PROBE] + body[-_PART_PROBE:]
+    about = f"{ctype}\n{charset!r}\n{encoding}".encode("utf-8", "surrogatepass")
+    key = probed_key(about, body, _PART_PROBE)
     found = _PARTS.get(key)
     if found is not None and found is not _SEEN and found[0] == body:  # memcmp of the body
         return found[1]

@@ -118,7 +118,7 @@ from typing import Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from mailguard.core.fingerprint.cache import BoundedCache
+from mailguard.core.fingerprint.cache import BoundedCache, probed_key
 from mailguard.core.fingerprint.mime import (
     Extracted,
     addressees,
@@ -573,8 +573,7 @@ def _repeat_of(head: list[tuple[bytes, bytes]], raw: bytes) -> _Repeat | None:
     if len(raw) > MAX_REPEATED_BODY:
         return None
     about = b"\n".join(name + b":" + value for name, value in head if name not in _PER_COPY)
-    probe = raw if len(raw) <= 2 * _REPEAT_PROBE else raw[:_REPEAT_PROBE] + raw[-_REPEAT_PROBE:]
-    key = b"%d %d " % (len(about), len(raw)) + about + probe
+    key = probed_key(about, raw, _REPEAT_PROBE)
     entry = _REPEATS.get(key)
     if entry is not None:
         return entry if entry.raw == raw else None
