@@ -122,12 +122,6 @@ def _lowered(senders: tuple[str, ...]) -> frozenset[str]:
     return frozenset(s.lower() for s in senders)
 
 
-def unstuff(data: bytes) -> bytes:
-    """SMTP DATA as received (dot-stuffed, RFC 5321 4.5.2) to the message itself."""
-    body = data.replace(b"\r\n..", b"\r\n.")
-    return body[1:] if body.startswith(b"..") else body
-
-
 class CampaignEnforcer:
     """Runs the AUP's e-mail rules for one message against the shared store."""
 

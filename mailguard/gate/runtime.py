@@ -27,7 +27,7 @@ from mailguard.core.customers import CustomerDirectory, in_networks
 from mailguard.core.policy import Decision, MessageFacts, Policy, RcptFacts
 from mailguard.core.verdict import Accept, Defer
 from mailguard.decisionlog import DecisionLog
-from mailguard.enforcement import CampaignDecision, CampaignEnforcer, unstuff
+from mailguard.enforcement import CampaignDecision, CampaignEnforcer
 from mailguard.gate.upstream import UpstreamPool
 from mailguard.store.base import Store, StoreError
 from mailguard.store.redis_store import RedisStore
@@ -155,9 +155,9 @@ class GateRuntime:
         return CampaignEnforcer(self.store, config.policy, config.campaign_window)
 
     async def evaluate_campaign(
-        self, customer: Customer, client_ip: str, tx: Transaction, data: bytes
+        self, customer: Customer, client_ip: str, tx: Transaction, message: bytes
     ) -> CampaignDecision:
-        """The AUP e-mail rules for the message ``data`` (as received, dot-stuffed)."""
+        """The AUP e-mail rules for ``message`` (the message itself, not dot-stuffed)."""
         assert self.enforcer is not None
         start = time.perf_counter()
         try:
@@ -167,7 +167,7 @@ class GateRuntime:
                 client_ip,
                 tx.mail_from.address,
                 tuple(tx.accepted),
-                unstuff(data),
+                message,
                 self.clock(),
                 reservation_id=tx.id,
             )
