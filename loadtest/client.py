@@ -421,12 +421,17 @@ class MessageFactory:
     eightbit: bool = True
     refuse_every: int = 0  # every Nth message goes to recipients the sink refuses
     personalize: bool = False  # each message's body is its own (``personalized``)
+    # 0: every message to the same recipients; P >= rcpts: message n to the next ``rcpts`` of a
+    # pool of P addresses (a campaign to many recipients, each getting a copy every P/rcpts)
+    recipient_pool: int = 0
     _body: bytes = field(init=False)
     _stuffed_body: bytes = field(init=False)
     _digest: str = field(init=False)
     _date: tuple[int, str] = field(init=False, default=(0, ""))
 
     def __post_init__(self) -> None:
+        if self.recipient_pool and self.recipient_pool < self.rcpts:
+            raise ValueError(f"a recipient pool of {self.recipient_pool} < {self.rcpts} recipients")
         header_estimate = 420 + 30 * self.rcpts
         self._body = _body(max(self.size - header_estimate, 64), self.eightbit)
         self._stuffed_body = dot_stuff(self._body)
@@ -435,7 +440,12 @@ class MessageFactory:
     def recipients(self, n: int) -> tuple[str, ...]:
         refuse = self.refuse_every > 0 and n % self.refuse_every == self.refuse_every - 1
         local = "reject" if refuse else "rcpt"
-        return tuple(f"{local}{i}@dest{i % 3}.example" for i in range(self.rcpts))
+        pool = self.recipient_pool
+        first = n * self.rcpts % pool if pool else 0
+        return tuple(
+            f"{local}{k}@dest{k % 3}.example"
+            for k in ((first + i) % pool if pool else i for i in range(self.rcpts))
+        )
 
     def expect_refused(self, n: int) -> bool:
         return self.refuse_every > 0 and n % self.refuse_every == self.refuse_every - 1

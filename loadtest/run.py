@@ -337,6 +337,7 @@ async def run_scenario(
         prefix=f"{run_id}-{target_name}-{size}-{rcpts}",
         refuse_every=args.refuse_every,
         personalize=args.bodies == "personalized",
+        recipient_pool=args.recipient_pool,
     )
     sink.reset()
     driver = Driver(args, factory, host, port)
@@ -601,6 +602,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="same",
         help="same: one body for every message; personalized: a mail merge (a name, a token "
         "and an unsubscribe link of each message's own)",
+    )
+    p.add_argument(
+        "--recipient-pool",
+        type=int,
+        default=0,
+        metavar="P",
+        help="0 (default): every message to the same recipients (rcpt0..); P: message n to the "
+        "next recipients of a pool of P addresses, so each gets a copy every P/rcpts messages "
+        "(a campaign to many recipients; P must be at least --rcpts)",
     )
     p.add_argument("--per-connection", type=int, default=500, help="transactions per connection")
     p.add_argument(
