@@ -60,7 +60,7 @@ from mailguard.core.fingerprint.sketch import (
     Fingerprint,
     new_cluster_id,
 )
-from mailguard.store.redis_store import RedisStore, lua_script
+from mailguard.store.redis_store import RedisStore, float_arg, lua_script
 
 CLUSTERS = "cl"
 PURGE_PER_CALL = 16
@@ -117,13 +117,6 @@ def bucket_field(band: str) -> bytes:
     return bytes.fromhex(band)
 
 
-def _num(name: str, value: float) -> str:
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, not {value!r}")
-    return repr(value)  # shortest text that round-trips: Lua's tonumber reads the same double
-
-
 class ClusterStore:
     """Per-customer online clustering on a ``RedisStore`` (see the module docstring).
 
@@ -160,7 +153,7 @@ class ClusterStore:
         self.max_candidates = max_candidates
         self.threshold = float(threshold)
         self.purge = purge
-        self._window = _num("window", window)
+        self._window = float_arg("window", window)
         self._need = str(lanes_needed(threshold))
         self._limits = [str(bucket_cap), str(max_candidates), str(purge)]
         self._assign = store.script(lua_script("cluster_assign"))
@@ -191,7 +184,7 @@ class ClusterStore:
     ) -> tuple[list[str], list[str | bytes]]:
         """KEYS and ARGV of ``lua/cluster_assign.lua`` for this message (also used by
         ``counting.CampaignDecider``, which runs the same script body)."""
-        now_s = _num("now", now)
+        now_s = float_arg("now", now)
         new_id = new_cluster_id(fp, float(now))
         if not _ID.match(new_id):  # the script stores ids at a fixed width
             raise ValueError(f"unexpected cluster id format {new_id!r}")

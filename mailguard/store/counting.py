@@ -88,7 +88,7 @@ from typing import cast, overload
 
 from mailguard.core.fingerprint.sketch import Fingerprint
 from mailguard.store.clustering import ClusterStore, decode_id
-from mailguard.store.redis_store import RedisStore, lua_script
+from mailguard.store.redis_store import RedisStore, float_arg, lua_script
 
 CAMPAIGN = "camp"
 MAX_RESERVATION_ID = 128
@@ -357,13 +357,6 @@ class _CampaignPrefixes:
         return found
 
 
-def _num(name: str, value: float) -> str:
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, not {value!r}")
-    return repr(value)  # shortest text that round-trips: Redis parses back the same double
-
-
 class _ReserveCall:
     """One reserve call's arguments, and what its result is parsed with (a plain class: it is
     built for every message)."""
@@ -455,10 +448,10 @@ def _params_args(params: CountingParams) -> tuple[str, ...]:
         return found[1]
     args = (
         str(params.bulk_recipients),
-        _num("bulk_window", params.bulk_window),
+        float_arg("bulk_window", params.bulk_window),
         str(params.mailbomb_messages),
-        _num("mailbomb_window", params.mailbomb_window),
-        _num("reservation_ttl", params.reservation_ttl),
+        float_arg("mailbomb_window", params.mailbomb_window),
+        float_arg("reservation_ttl", params.reservation_ttl),
     )
     if len(_PARAMS_ARGS) >= 256:
         _PARAMS_ARGS.clear()
@@ -493,7 +486,7 @@ def _reserve_call(
     if not customer:
         raise ValueError("customer id must not be empty")
     rkeys = [recipient_key(r) for r in recipients]
-    args = [_num("now", now), rid, *_params_args(params)]
+    args = [float_arg("now", now), rid, *_params_args(params)]
     args.append(_MONITORED.get(monitored) or str(int(monitored[0]) + 2 * int(monitored[1])))
     # One entry per distinct recipient (first copy's place), excused if any of its copies is.
     if flags is None or not any(flags):  # nobody excused (most mail): no per-recipient loop
@@ -553,7 +546,7 @@ class CampaignCounter:
         """Commit (the upstream accepted) or release (it did not) ``reservation``; idempotent."""
         keys = self._prefixes.keys(reservation.customer, reservation.campaign)
         script_keys = keys.script_keys(reservation.recipient_keys)
-        args = [_num("now", now), reservation.id, "1" if commit else "0"]
+        args = [float_arg("now", now), reservation.id, "1" if commit else "0"]
         args += reservation.recipient_keys
         raw = await self.store.run_script("campaign_settle", self._settle, script_keys, args)
         outcome = _OUTCOMES.get(int(raw))  # UNKNOWN is 0: no ``or`` here

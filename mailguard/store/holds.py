@@ -31,25 +31,17 @@ so no address is stored.  A hold lives until it ends (``PX``), at most ``mailbom
 from __future__ import annotations
 
 import json
-import math
 import time
 import weakref
 from collections.abc import Callable, Sequence
 
 from mailguard.core.rules.campaign import MailbombHold
 from mailguard.store.counting import CampaignKeys, recipient_key
-from mailguard.store.redis_store import RedisStore, lua_script
+from mailguard.store.redis_store import RedisStore, float_arg, lua_script
 
 HOLD = "mbhold"
 ANY = "any"
 NONE_CACHE = 1.0  # seconds a "no holds" answer is remembered per process
-
-
-def _num(name: str, value: float) -> str:
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, not {value!r}")
-    return repr(value)
 
 
 def parse_hold(raw: bytes | str | None) -> MailbombHold | None:
@@ -149,9 +141,9 @@ class MailbombHolds:
             ]
         script_keys.append(self.any_key(customer))
         args = [
-            _num("now", now),
-            _num("hold", hold),
-            _num("mailbomb_window", mailbomb_window),
+            float_arg("now", now),
+            float_arg("hold", hold),
+            float_arg("mailbomb_window", mailbomb_window),
             str(int(mailbomb_messages)),
             campaign,
             *(str(int(number)) for _, number in refused),

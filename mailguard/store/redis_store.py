@@ -156,17 +156,30 @@ def redact_url(url: str) -> str:
     return f"{base}{sep}{query}"
 
 
-def _float_arg(name: str, value: float) -> str:
+_last_float: tuple[float, str] = (math.nan, "")  # the last value float_arg formatted
+
+
+def float_arg(name: str, value: float) -> str:
+    """``value`` (seconds, a time or a window) as a script or command argument: the shortest
+    text that round-trips, so Redis (C or Lua's ``tonumber``) reads back the same double.
+    ``ValueError`` naming ``name`` if it is not finite.  The last value's text is kept: a
+    message's calls pass the same ``now`` more than once (formatting a double costs ~1 us)."""
+    global _last_float
     value = float(value)
+    last = _last_float
+    if value == last[0]:  # never for NaN; 0.0 == -0.0, which Redis compares as equal too
+        return last[1]
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, not {value!r}")
-    return repr(value)  # shortest text that round-trips: Redis parses back the same double
+    text = repr(value)
+    _last_float = (value, text)
+    return text
 
 
 def _window_arg(window: float) -> str:
     if not window > 0:
         raise ValueError(f"window must be positive, not {window!r}")
-    return _float_arg("window", window)
+    return float_arg("window", window)
 
 
 _PACKABLE = frozenset({str, bytes, int})
@@ -792,13 +805,13 @@ class RedisStore:
 
     async def note_auth_failure(self, client: str, now: float, window: float) -> int:
         key = self.keys.auth_failures(client)
-        args = [_float_arg("now", now), _window_arg(window), uuid.uuid4().hex]
+        args = [float_arg("now", now), _window_arg(window), uuid.uuid4().hex]
         result = await self.run_script("note_auth_failure", self._auth_failure, [key], args)
         return int(result)
 
     async def auth_failures(self, client: str, now: float, window: float) -> int:
         key = self.keys.auth_failures(client)
-        args = [_float_arg("now", now), _window_arg(window)]
+        args = [float_arg("now", now), _window_arg(window)]
         result = await self.run_script("auth_failures", self._auth_failures_count, [key], args)
         return int(result)
 

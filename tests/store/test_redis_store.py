@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -19,7 +20,13 @@ from mailguard.store import redis_store
 from mailguard.store.base import Store, StoreError
 from mailguard.store.factory import open_store
 from mailguard.store.keys import Keys
-from mailguard.store.redis_store import RedisStore, StoreURL, lua_script, redact_url
+from mailguard.store.redis_store import (
+    RedisStore,
+    StoreURL,
+    float_arg,
+    lua_script,
+    redact_url,
+)
 from tests.conftest import RedisServer, free_cluster_port, redis_server_binary
 
 NOW = 1_700_000_000.0
@@ -735,3 +742,15 @@ async def test_resp3_url_a_push_never_takes_a_callers_reply(redis_url: str) -> N
     finally:
         await raw.aclose()
         await store.close()
+
+
+def test_float_arg_round_trips_every_value_and_names_the_bad_one() -> None:
+    """The last value's text is reused only for an equal value; each text reads back exactly."""
+    values = [1763900000.123456, 1763900000.123456, 0.1 + 0.2, 86400.0, 1e-7, 1763900000.1234567]
+    for value in values:
+        text = float_arg("now", value)
+        assert float(text) == value and text == repr(value)
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match="bulk_window must be finite"):
+            float_arg("bulk_window", bad)
+    assert float_arg("now", 5) == "5.0"
