@@ -19,6 +19,7 @@ import os
 import resource
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -478,16 +479,34 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x"
 
 
-def ratios(results: list[ScenarioResult]) -> list[str]:
+def ratios(results: list[ScenarioResult], runs: list[ScenarioResult] | None = None) -> list[str]:
+    """The ratios of the table's rows; with ``runs`` (every run, in the order they ran) and more
+    than one run per target, also the msg/s ratio of each repetition's pair, which ran back to
+    back, so a drift of the machine's speed between repetitions cancels out."""
     by = {r.target: r for r in results if r.start_error is None}
     lines = []
     for num, den in RATIOS:
         if num in by and den in by:
             a, b = by[num], by[den]
-            lines.append(
+            line = (
                 f"- {num} / {den}: msg/s {ratio(a.msgs_per_s, b.msgs_per_s)}, "
                 f"CPU ms/msg {ratio(a.cpu_ms_per_msg, b.cpu_ms_per_msg)}"
             )
+            paired = [
+                x.msgs_per_s / y.msgs_per_s
+                for x, y in zip(
+                    [r for r in runs or () if r.target == num],
+                    [r for r in runs or () if r.target == den],
+                    strict=False,
+                )
+                if x.msgs_per_s and y.msgs_per_s
+            ]
+            if len(paired) > 1:
+                line += (
+                    f"; msg/s per repetition {' '.join(f'{q:.2f}x' for q in paired)}"
+                    f" (median {statistics.median(paired):.2f}x)"
+                )
+            lines.append(line)
     return lines
 
 
@@ -554,7 +573,7 @@ def report(all_results: list[ScenarioResult], args: argparse.Namespace) -> str:
             f"concurrency {args.concurrency}{repeat}\n"
         )
         out.append(table(results))
-        extra = ratios(results) + details(results)
+        extra = ratios(results, runs) + details(results)
         if extra:
             out.append("")
             out.extend(extra)
