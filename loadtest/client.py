@@ -440,11 +440,11 @@ class MessageFactory:
     def recipients(self, n: int) -> tuple[str, ...]:
         refuse = self.refuse_every > 0 and n % self.refuse_every == self.refuse_every - 1
         local = "reject" if refuse else "rcpt"
-        pool = self.recipient_pool
-        first = n * self.rcpts % pool if pool else 0
+        pool = self.recipient_pool or self.rcpts  # a pool of rcpts: the same ones every time
+        first = n * self.rcpts
         return tuple(
             f"{local}{k}@dest{k % 3}.example"
-            for k in ((first + i) % pool if pool else i for i in range(self.rcpts))
+            for k in ((first + i) % pool for i in range(self.rcpts))
         )
 
     def expect_refused(self, n: int) -> bool:

@@ -666,6 +666,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.warmup = max(args.messages // 20, min(args.concurrency, args.messages))
     args.size_list = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     args.rcpt_list = int_list(args.rcpts)
+    if args.recipient_pool < 0 or 0 < args.recipient_pool < max(args.rcpt_list):
+        p.error(f"--recipient-pool must be 0 or at least {max(args.rcpt_list)} (--rcpts)")
     try:
         args.target_names = resolve_targets(args.targets)
     except ValueError as exc:
