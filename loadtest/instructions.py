@@ -137,10 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     valgrind = shutil.which("valgrind")
     if valgrind is None:
-        print("loadtest.instructions: valgrind not found (apt-get install valgrind)")
+        print(
+            "loadtest.instructions: valgrind not found (apt-get install valgrind)",
+            file=sys.stderr,
+        )
         return 2
     if not os.access(args.python, os.X_OK):
-        print(f"loadtest.instructions: {args.python} is not executable")
+        print(f"loadtest.instructions: {args.python} is not executable", file=sys.stderr)
         return 2
     return asyncio.run(amain(args, valgrind))
 
