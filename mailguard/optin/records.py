@@ -45,6 +45,11 @@ from typing import Final, Literal
 
 from email_validator import validate_email
 
+try:  # the RFC 2142 mailbox names email-validator (>= 2.1) lower-cases in the local part
+    from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
+except ImportError:  # pragma: no cover - email-validator 2.0 keeps every local part as given
+    CASE_INSENSITIVE_MAILBOX_NAMES = []
+
 from mailguard.store.keys import canonical_client
 
 Format = Literal["csv", "jsonl"]
@@ -77,6 +82,7 @@ _LIST_ID: Final = re.compile(rf"{_ATOM}(?:\.{_ATOM})+")
 # Plain ASCII addresses whose normal form is just the domain lower-cased (the hot path).
 _FAST_LOCAL: Final = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
 _FAST_DOMAIN: Final = re.compile(r"(?:[A-Za-z0-9-]+\.)+[A-Za-z0-9-]+")
+_CASELESS_LOCAL: Final = frozenset(CASE_INSENSITIVE_MAILBOX_NAMES)
 
 
 def show(value: object, limit: int = 80) -> str:
@@ -165,7 +171,9 @@ def lookup_form(address: str) -> str | None:
     """``normalize_recipient(address)``, or ``None`` if it is not valid (so nothing matches).
 
     Fast for plain ASCII addresses (the common case at end of DATA): their normal form is the
-    address with the domain lower-cased, which is what ``normalize_recipient`` returns too.
+    address with the domain lower-cased, which is what ``normalize_recipient`` returns too,
+    except for the RFC 2142 mailbox names (``INFO@``, ``Postmaster@``...), whose local part
+    email-validator lower-cases as well: those take the full way.
     """
     local, at, domain = address.rpartition("@")
     if (
@@ -173,6 +181,7 @@ def lookup_form(address: str) -> str | None:
         and _FAST_LOCAL.fullmatch(local)
         and _FAST_DOMAIN.fullmatch(domain)
         and "xn--" not in domain.lower()
+        and local.lower() not in _CASELESS_LOCAL
     ):
         return f"{local}@{domain.lower()}"
     try:
