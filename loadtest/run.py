@@ -652,6 +652,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="extra [server] line for the gate's config, e.g. max_connections_per_client=200",
     )
     p.add_argument(
+        "--gate-store-url",
+        default="embedded",
+        metavar="URL",
+        help="the gate's [store] url (default: embedded), e.g. a redis-server on another CPU",
+    )
+    p.add_argument(
         "--pin",
         action="store_true",
         help="pin the driver to the first CPU and each target (with its children) to the others",
@@ -729,6 +735,7 @@ async def amain(args: argparse.Namespace) -> int:
                             python=args.python,
                             workdir=workroot / f"{name}-{size}-{rcpts}-{rep}",
                             gate_server_extra=args.gate_server_extra,
+                            gate_store_url=args.gate_store_url,
                         )
                         target.cpus = args.target_cpus
                         result = await run_one(args, sink, target, size, rcpts, f"{run_id}.{rep}")

@@ -74,11 +74,17 @@ def campaign_message(run: str, i: int) -> Message:
 
 
 class SharedRedis:
-    """A redis-server on a unix socket in ``directory`` (no persistence), started by us."""
+    """A redis-server on a unix socket in ``directory``, started by us: no persistence, or with
+    ``aof`` the embedded store's (``appendonly yes``, ``appendfsync everysec``); ``options``:
+    more ``--name value`` arguments."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(
+        self, directory: Path, *, aof: bool = False, options: tuple[str, ...] = ()
+    ) -> None:
         self.socket = directory / "redis.sock"
         self.directory = directory
+        self.aof = aof
+        self.options = options
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -92,8 +98,9 @@ class SharedRedis:
             raise TargetStartError("redis-server not found (apt-get install redis-server)")
         self.proc = subprocess.Popen(
             [binary, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
-             "--dir", str(self.directory), "--save", "", "--appendonly", "no",
-             "--logfile", str(self.directory / "redis.log")],
+             "--dir", str(self.directory), "--save", "",
+             "--appendonly", "yes" if self.aof else "no", "--appendfsync", "everysec",
+             "--logfile", str(self.directory / "redis.log"), *self.options],
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )  # fmt: skip

@@ -336,8 +336,10 @@ def make_target(
     python: str,
     workdir: Path,
     gate_server_extra: dict[str, str] | None = None,
+    gate_store_url: str = "embedded",
 ) -> TargetProcess:
-    """A fresh (not yet started) target listening on a free loopback port."""
+    """A fresh (not yet started) target listening on a free loopback port (a gate's store:
+    ``gate_store_url``)."""
     kind, mode = TARGETS[name]
     if kind == "postfix":
         from loadtest.milter_target import PostfixTarget  # it imports this module
@@ -363,7 +365,12 @@ def make_target(
     config = workdir / "mailguard.toml"
     config.write_text(
         gate_config(
-            port=port, upstream=upstream, mode=mode, workdir=workdir, server_extra=gate_server_extra
+            port=port,
+            upstream=upstream,
+            mode=mode,
+            workdir=workdir,
+            server_extra=gate_server_extra,
+            store_url=gate_store_url,
         )
     )
     (workdir / "state").mkdir(exist_ok=True)
