@@ -38,6 +38,7 @@ from loadtest.client import MessageFactory
 from loadtest.stress import SharedRedis
 from loadtest.targets import TargetStartError
 from mailguard.core.fingerprint import fingerprint
+from mailguard.gate.session import unstuff
 from mailguard.store.clustering import ClusterStore
 from mailguard.store.counting import CampaignCounter, CampaignDecider, CountingParams, decide_script
 from mailguard.store.redis_store import RedisStore, lua_script
@@ -67,7 +68,7 @@ async def store_messages(
             message = factory.make(n)
             recipients = message.rcpts
             now = start + n * step
-            fp = fingerprint(message.data.replace(b"\r\n..", b"\r\n."), recipients)
+            fp = fingerprint(unstuff(message.data)[0], recipients)  # as the gate does
             _, result = await decider.assign_and_reserve(
                 CUSTOMER, fp, recipients, now, params=PARAMS, reservation_id=f"m{n}"
             )
